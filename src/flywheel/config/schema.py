@@ -1,0 +1,131 @@
+"""The shape of ``flywheel.yaml``: providers, the model catalog and routes."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+
+Name = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")]
+FallbackTrigger = int | Literal["timeout", "connection", "protocol"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ProviderConfig(_Strict):
+    """Where models are served from: in-process (``local``) or any OpenAI-compatible API."""
+
+    type: Literal["local", "openai"]
+    base_url: str | None = None
+    api_key_env: str | None = Field(default=None, description="Environment variable holding the key.")
+    api_key: SecretStr | None = Field(default=None, description="Inline key (prefer api_key_env).")
+    headers: dict[str, str] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _openai_needs_url(self) -> ProviderConfig:
+        if self.type == "openai" and not self.base_url:
+            raise ValueError("an 'openai' provider needs base_url")
+        return self
+
+
+class Pricing(_Strict):
+    """USD per million tokens."""
+
+    input_per_mtok: float = Field(default=0.0, ge=0)
+    output_per_mtok: float = Field(default=0.0, ge=0)
+
+    def cost(self, prompt_tokens: int | None, completion_tokens: int | None) -> float:
+        return (
+            (prompt_tokens or 0) * self.input_per_mtok
+            + (completion_tokens or 0) * self.output_per_mtok
+        ) / 1_000_000
+
+
+class CatalogModel(_Strict):
+    """A model Flywheel knows: which provider serves it, what it costs, what it can do."""
+
+    name: Name
+    provider: Name
+    kind: Literal["chat", "embedding"] = "chat"
+    upstream_name: str | None = Field(default=None, description="Name sent upstream; default: name.")
+    source: str | None = Field(
+        default=None, description="Local models: 'builtin:smollm2', an HF folder or a .gguf file."
+    )
+    context_length: int | None = Field(default=None, gt=0)
+    pricing: Pricing = Field(default_factory=Pricing)
+    status: Literal["approved", "experimental", "blocked"] = "approved"
+
+    @property
+    def wire_name(self) -> str:
+        return self.upstream_name or self.name
+
+
+class RetryPolicy(_Strict):
+    """Retries of one target before falling back: exponential backoff with full jitter."""
+
+    attempts: int = Field(default=2, ge=0, le=10, description="Retries after the first try.")
+    backoff_initial: float = Field(default=0.25, ge=0)
+    backoff_max: float = Field(default=8.0, ge=0)
+    max_retry_after: float = Field(
+        default=30.0, ge=0, description="A longer Retry-After falls back instead of waiting."
+    )
+    on: list[FallbackTrigger] = Field(
+        default_factory=lambda: [429, 500, 502, 503, 504, "timeout", "connection"]
+    )
+
+
+class RouteTarget(_Strict):
+    """One target of a route; ``weight`` balances load between the targets."""
+
+    model: Name
+    weight: float = Field(default=1.0, gt=0)
+    timeout: float | None = Field(default=None, gt=0, description="Seconds; default: the route's.")
+
+
+class RouteConfig(_Strict):
+    """A named virtual model: weighted targets, ordered fallbacks, retries and timeouts."""
+
+    name: Name
+    description: str = ""
+    targets: list[RouteTarget] = Field(min_length=1)
+    fallbacks: list[Name] = Field(default_factory=list, description="Catalog models, in order.")
+    fallback_on: list[FallbackTrigger] = Field(
+        default_factory=lambda: [429, 500, 502, 503, 504, "timeout", "connection", "protocol"]
+    )
+    retry: RetryPolicy = Field(default_factory=RetryPolicy)
+    timeout: float = Field(default=120.0, gt=0, description="Per-target timeout in seconds.")
+
+
+class FlywheelConfig(_Strict):
+    """The whole ``flywheel.yaml``."""
+
+    providers: dict[Name, ProviderConfig] = Field(default_factory=dict)
+    models: list[CatalogModel] = Field(default_factory=list)
+    routes: list[RouteConfig] = Field(default_factory=list)
+
+    def reference_errors(self) -> list[tuple[tuple[str | int, ...], str]]:
+        """Cross-references that pydantic cannot check: (location, problem) pairs."""
+        errors: list[tuple[tuple[str | int, ...], str]] = []
+        model_names: set[str] = set()
+        for i, model in enumerate(self.models):
+            if model.name in model_names:
+                errors.append((("models", i, "name"), f"duplicate model name '{model.name}'"))
+            model_names.add(model.name)
+            if model.provider not in self.providers:
+                errors.append(
+                    (("models", i, "provider"), f"unknown provider '{model.provider}'")
+                )
+        route_names: set[str] = set()
+        for i, route in enumerate(self.routes):
+            if route.name in route_names or route.name in model_names:
+                errors.append((("routes", i, "name"), f"name '{route.name}' is already used"))
+            route_names.add(route.name)
+            refs = [("targets", j, "model", t.model) for j, t in enumerate(route.targets)]
+            refs += [("fallbacks", j, None, name) for j, name in enumerate(route.fallbacks)]
+            for field, j, sub, name in refs:
+                loc: tuple[str | int, ...] = ("routes", i, field, j) + ((sub,) if sub else ())
+                if name not in model_names:
+                    errors.append((loc, f"unknown model '{name}'"))
+        return errors

@@ -1,0 +1,76 @@
+"""Process settings read from the environment (prefix ``FLYWHEEL_``) or a ``.env`` file."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+CaptureMode = Literal["full", "metadata"]
+
+
+class Settings(BaseSettings):
+    """Everything a Flywheel process needs to know before it reads ``flywheel.yaml``.
+
+    Paths left unset are derived from :attr:`home`, so one variable moves a whole installation.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="FLYWHEEL_", env_file=".env", extra="ignore")
+
+    home: Path = Field(default=Path("~/.flywheel"), description="Folder for the database, artifacts and models.")
+    database_url: str | None = Field(default=None, description="SQLAlchemy URL; default: SQLite in home.")
+    artifact_root: str | None = Field(default=None, description="Artifact root (folder or fsspec URL).")
+    model_cache: Path | None = Field(default=None, description="Where converted local models are kept.")
+    config_file: Path | None = Field(default=None, description="flywheel.yaml; default: ./flywheel.yaml.")
+    host: str = "127.0.0.1"
+    port: int = 8000
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    admin_key: SecretStr | None = Field(
+        default=None, description="Bootstrap admin API key; generated and printed once when unset."
+    )
+    capture: CaptureMode = Field(
+        default="full", description="'full' stores messages and responses in traces; 'metadata' omits them."
+    )
+    max_body_bytes: int = Field(default=4 * 1024 * 1024, description="Largest accepted request body.")
+    local_max_batch_size: int = Field(default=8, ge=1, le=64)
+    local_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    local_threads: int | None = Field(default=None, ge=1)
+    preload_models: bool = Field(default=True, description="Load local models at start-up.")
+    trace_flush_seconds: float = Field(default=0.2, gt=0)
+    trace_batch_size: int = Field(default=1000, ge=1)
+    cookie_secure: bool = Field(default=True, description="Mark the UI session cookie Secure.")
+
+    @property
+    def home_dir(self) -> Path:
+        return self.home.expanduser().resolve()
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.home_dir / 'flywheel.db'}"
+
+    @property
+    def resolved_artifact_root(self) -> str:
+        return self.artifact_root or str(self.home_dir / "artifacts")
+
+    @property
+    def resolved_model_cache(self) -> Path:
+        return (self.model_cache or self.home_dir / "models").expanduser().resolve()
+
+    @property
+    def resolved_config_file(self) -> Path | None:
+        """The config file to load, or None to use the built-in defaults."""
+        if self.config_file is not None:
+            return self.config_file.expanduser()
+        for candidate in (Path("flywheel.yaml"), self.home_dir / "flywheel.yaml"):
+            if candidate.is_file():
+                return candidate
+        return None
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once."""
+    return Settings()

@@ -1,0 +1,106 @@
+"""The FastAPI application: UI, Flywheel API and OpenAI-compatible gateway on one port."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from flywheel import __version__
+from flywheel.config import Settings, get_settings
+from flywheel.gateway import GatewayError, error_body
+from flywheel.server.routers import api, openai
+from flywheel.server.services import Services
+from flywheel.ui import routes as ui
+
+log = logging.getLogger("flywheel.server")
+
+
+def _announce_admin_key(key: str) -> None:
+    # Printed once, to the console only: the database keeps nothing but its hash.
+    banner = "=" * 72
+    print(
+        f"\n{banner}\nFlywheel admin API key (shown only once; store it now):\n\n    {key}\n\n"
+        f"Use it as 'Authorization: Bearer <key>', OPENAI_API_KEY, or to log in to the UI.\n"
+        f"{banner}\n",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the app; services start in the lifespan so importing stays cheap."""
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        svc = Services.build(settings)
+        if svc.new_admin_key:
+            _announce_admin_key(svc.new_admin_key)
+        app.state.services = svc
+        svc.start_background()
+        log.info("Flywheel %s ready on http://%s:%d", __version__, settings.host, settings.port)
+        try:
+            yield
+        finally:
+            await svc.close()
+
+    app = FastAPI(
+        title="Flywheel",
+        version=__version__,
+        description="Self-hosted LLMOps: gateway, traces, evals, prompts, tuning, governance.",
+        lifespan=lifespan,
+    )
+    app.include_router(openai.router)
+    app.include_router(api.router)
+    ui.install(app)
+
+    @app.get("/healthz", tags=["ops"])
+    def healthz() -> dict[str, str]:
+        """Liveness: the process answers."""
+        return {"status": "ok", "version": __version__}
+
+    @app.get("/readyz", tags=["ops"])
+    def readyz(request: Request) -> Any:
+        """Readiness: every local model is loaded."""
+        ready = request.app.state.services.providers.ready()
+        return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
+
+    @app.exception_handler(GatewayError)
+    async def gateway_error(_: Request, exc: GatewayError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path")]
+        param = ".".join(loc) or None
+        message = f"Invalid value for '{param}': {first['msg']}" if param else str(first["msg"])
+        return JSONResponse(error_body(message, param=param, code="invalid_value"), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        status = exc.status_code
+        kind = "invalid_request_error" if status < 500 else "server_error"
+        return JSONResponse(
+            error_body(str(exc.detail), kind, code="not_found" if status == 404 else None),
+            status_code=status,
+            headers=getattr(exc, "headers", None),
+        )
+
+    @app.exception_handler(Exception)
+    async def unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return JSONResponse(
+            error_body("The server had an error while processing your request.", "server_error"),
+            status_code=500,
+        )
+
+    return app

@@ -1,0 +1,1 @@
+"""HTTP routers: thin edges that parse, authorize and call into the services."""

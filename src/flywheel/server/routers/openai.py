@@ -1,0 +1,78 @@
+"""``/v1``: the OpenAI-compatible API. Any OpenAI client works with only base_url changed."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from flywheel.gateway import CallContext, ChatCompletionRequest, EmbeddingRequest
+from flywheel.security import AuthenticatedKey
+from flywheel.server.http import read_json, require_key, services
+from flywheel.tracing import parse_traceparent
+
+router = APIRouter(prefix="/v1", tags=["openai"])
+
+
+def _body_schema(model: type[ChatCompletionRequest] | type[EmbeddingRequest]) -> dict[str, Any]:
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": model.model_json_schema()}},
+        }
+    }
+
+
+def _context(request: Request, key: AuthenticatedKey) -> CallContext:
+    ctx = CallContext(api_key_id=key.id)
+    parent = parse_traceparent(request.headers.get("traceparent"))
+    if parent is not None:
+        ctx.trace_id, ctx.parent_id = parent
+    return ctx
+
+
+@router.post("/chat/completions", openapi_extra=_body_schema(ChatCompletionRequest))
+async def chat_completions(
+    request: Request, key: AuthenticatedKey = Depends(require_key)
+) -> Any:
+    """Chat completions, JSON or server-sent events (``"stream": true``)."""
+    body = await read_json(request, ChatCompletionRequest)
+    ctx = _context(request, key)
+    gateway = services(request).gateway
+    headers = {"x-flywheel-trace-id": ctx.trace_id}
+    if body.stream:
+        events = await gateway.stream_chat(body, ctx)
+        return StreamingResponse(
+            events,
+            media_type="text/event-stream",
+            headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+    return JSONResponse(await gateway.chat(body, ctx), headers=headers)
+
+
+@router.post("/embeddings", openapi_extra=_body_schema(EmbeddingRequest))
+async def embeddings(request: Request, key: AuthenticatedKey = Depends(require_key)) -> Any:
+    """Embeddings of one text or a list of texts."""
+    body = await read_json(request, EmbeddingRequest)
+    ctx = _context(request, key)
+    result = await services(request).gateway.embeddings(body, ctx)
+    return JSONResponse(result, headers={"x-flywheel-trace-id": ctx.trace_id})
+
+
+@router.get("/models")
+async def list_models(request: Request, _: AuthenticatedKey = Depends(require_key)) -> Any:
+    """Routes and catalog models callable as ``model``."""
+    return {"object": "list", "data": services(request).gateway.list_models()}
+
+
+@router.get("/models/{model_id:path}")
+async def get_model(
+    model_id: str, request: Request, _: AuthenticatedKey = Depends(require_key)
+) -> Any:
+    for item in services(request).gateway.list_models():
+        if item["id"] == model_id:
+            return item
+    from flywheel.gateway import GatewayError
+
+    raise GatewayError(404, f"The model '{model_id}' does not exist.", param="model", code="model_not_found")

@@ -1,0 +1,187 @@
+"""Shared fixtures: a fake upstream on loopback and one real Flywheel server per test run.
+
+The server is a real subprocess (``flywheel up``) with the real local model, started once;
+its model conversion is cached in ``.cache/models`` so later runs load in about a second.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from flywheel.testing import FakeUpstream
+from flywheel.testing.upstream import free_port
+
+REPO = Path(__file__).resolve().parent.parent
+MODEL_CACHE = Path(os.environ.get("FLYWHEEL_MODEL_CACHE", REPO / ".cache" / "models"))
+
+TEST_CONFIG = """
+providers:
+  local: {{type: local}}
+  up: {{type: openai, base_url: "{upstream}", api_key: upstream-secret-key}}
+models:
+  - {{name: smollm2-135m-instruct, provider: local, source: "builtin:smollm2", context_length: 8192}}
+  - {{name: all-minilm-l6-v2, provider: local, kind: embedding, source: "builtin:minilm"}}
+  - name: up-echo
+    provider: up
+    upstream_name: echo
+    pricing: {{input_per_mtok: 1.0, output_per_mtok: 2.0}}
+  - {{name: up-echo-b, provider: up, upstream_name: echo}}
+  - {{name: up-500, provider: up, upstream_name: fail-500}}
+  - {{name: up-429, provider: up, upstream_name: rate-limit}}
+  - {{name: up-hang, provider: up, upstream_name: hang}}
+  - {{name: up-cut, provider: up, upstream_name: cut-stream}}
+  - {{name: up-garbage, provider: up, upstream_name: garbage}}
+  - {{name: up-flaky, provider: up, upstream_name: flaky-2}}
+  - {{name: up-embed, provider: up, kind: embedding, upstream_name: echo}}
+routes:
+  - name: default
+    targets: [{{model: smollm2-135m-instruct}}]
+  - name: echo
+    targets: [{{model: up-echo}}]
+  - name: fallback-500
+    targets: [{{model: up-500}}]
+    fallbacks: [up-echo]
+    retry: {{attempts: 1, backoff_initial: 0.01}}
+  - name: only-500
+    targets: [{{model: up-500}}]
+    retry: {{attempts: 2, backoff_initial: 0.01}}
+  - name: retry-429
+    targets: [{{model: up-429}}]
+    retry: {{attempts: 1}}
+  - name: fallback-429
+    targets: [{{model: up-429}}]
+    fallbacks: [up-echo]
+    retry: {{attempts: 0}}
+  - name: timeout
+    targets: [{{model: up-hang, timeout: 1}}]
+    fallbacks: [up-echo]
+    retry: {{attempts: 0}}
+  - name: only-timeout
+    targets: [{{model: up-hang, timeout: 1}}]
+    retry: {{attempts: 0}}
+  - name: cut
+    targets: [{{model: up-cut}}]
+    fallbacks: [up-echo]
+  - name: garbage
+    targets: [{{model: up-garbage}}]
+    fallbacks: [up-echo]
+    retry: {{attempts: 0}}
+  - name: flaky
+    targets: [{{model: up-flaky}}]
+    retry: {{attempts: 2, backoff_initial: 0.01}}
+  - name: balanced
+    targets: [{{model: up-echo, weight: 3}}, {{model: up-echo-b, weight: 1}}]
+"""
+
+
+@dataclass
+class RunningServer:
+    base_url: str
+    admin_key: str
+    home: Path
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def start_server(
+    home: Path, config_text: str, admin_key: str, extra_env: dict[str, str] | None = None,
+    ready_path: str = "/readyz", timeout: float = 600,
+) -> RunningServer:
+    """Start ``flywheel up`` in a subprocess and wait until ``ready_path`` answers 200."""
+    home.mkdir(parents=True, exist_ok=True)
+    config = home / "flywheel.yaml"
+    config.write_text(config_text)
+    port = free_port()
+    env = {
+        **os.environ,
+        "FLYWHEEL_HOME": str(home),
+        "FLYWHEEL_CONFIG_FILE": str(config),
+        "FLYWHEEL_ADMIN_KEY": admin_key,
+        "FLYWHEEL_MODEL_CACHE": str(MODEL_CACHE),
+        "FLYWHEEL_LOG_LEVEL": "warning",
+        "HF_HUB_OFFLINE": "1",
+        **(extra_env or {}),
+    }
+    log_path = home / "server.log"
+    process = subprocess.Popen(
+        [str(Path(sys.executable).parent / "flywheel"), "up", "--port", str(port)],
+        env=env,
+        stdout=log_path.open("wb"),
+        stderr=subprocess.STDOUT,
+    )
+    server = RunningServer(f"http://127.0.0.1:{port}", admin_key, home, process, log_path)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}:\n{server.log()}")
+        try:
+            if httpx.get(server.base_url + ready_path, timeout=2).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.25)
+    process.kill()
+    raise RuntimeError(f"server not ready after {timeout}s:\n{server.log()}")
+
+
+def stop_server(server: RunningServer) -> None:
+    if server.process.poll() is None:
+        server.process.send_signal(signal.SIGTERM)
+        try:
+            server.process.wait(60)
+        except subprocess.TimeoutExpired:
+            server.process.kill()
+
+
+@pytest.fixture(scope="session")
+def upstream() -> Iterator[FakeUpstream]:
+    with FakeUpstream() as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def server(
+    tmp_path_factory: pytest.TempPathFactory, upstream: FakeUpstream
+) -> Iterator[RunningServer]:
+    home = tmp_path_factory.mktemp("flywheel-home")
+    running = start_server(
+        home, TEST_CONFIG.format(upstream=upstream.base_url), "fw-test-" + secrets.token_hex(16)
+    )
+    yield running
+    stop_server(running)
+
+
+@pytest.fixture(scope="session")
+def auth(server: RunningServer) -> dict[str, str]:
+    return {"Authorization": f"Bearer {server.admin_key}"}
+
+
+@pytest.fixture
+def api(server: RunningServer, auth: dict[str, str]) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.base_url, headers=auth, timeout=120) as client:
+        yield client
+
+
+def wait_for_trace(api: httpx.Client, trace_id: str, timeout: float = 10) -> dict:
+    """The trace once the background writer has flushed it."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        response = api.get(f"/api/traces/{trace_id}")
+        if response.status_code == 200:
+            return response.json()
+        time.sleep(0.05)
+    raise AssertionError(f"trace {trace_id} was not recorded within {timeout}s")
