@@ -98,8 +98,12 @@ class RunningServer:
 
 
 def start_server(
-    home: Path, config_text: str, admin_key: str, extra_env: dict[str, str] | None = None,
-    ready_path: str = "/readyz", timeout: float = 600,
+    home: Path,
+    config_text: str,
+    admin_key: str,
+    extra_env: dict[str, str] | None = None,
+    ready_path: str = "/readyz",
+    timeout: float = 600,
 ) -> RunningServer:
     """Start ``flywheel up`` in a subprocess and wait until ``ready_path`` answers 200."""
     home.mkdir(parents=True, exist_ok=True)

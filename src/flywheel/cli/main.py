@@ -23,9 +23,7 @@ app.add_typer(config_app, name="config")
 console = Console()
 err = Console(stderr=True)
 
-UrlOption = Annotated[
-    str, typer.Option("--url", envvar="FLYWHEEL_BASE_URL", help="Server URL.")
-]
+UrlOption = Annotated[str, typer.Option("--url", envvar="FLYWHEEL_BASE_URL", help="Server URL.")]
 KeyOption = Annotated[
     str | None, typer.Option("--api-key", envvar="FLYWHEEL_API_KEY", help="API key.")
 ]
@@ -87,16 +85,17 @@ def up(
     try:
         load_config(settings.resolved_config_file)
     except ConfigError as exc:
-        raise _fail(f"invalid config\n{exc}") from None
+        typer.echo("\n".join(exc.problems), err=True)
+        raise typer.Exit(1) from None
     console.print(
-        f"Flywheel {__version__}: http://{settings.host}:{settings.port} "
-        f"(home {settings.home_dir})"
+        f"Flywheel {__version__}: http://{settings.host}:{settings.port} (home {settings.home_dir})"
     )
     uvicorn.run(
         create_app(settings),
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
+        access_log=settings.access_log,
         timeout_graceful_shutdown=30,
     )
 
@@ -162,8 +161,20 @@ def traces(
     }
     page = _api(url, api_key, "/api/traces", params)
     table = Table(title="Traces", header_style="bold")
-    for column in ("time", "trace", "route", "model", "status", "latency ms", "ttft ms", "tokens", "cost $"):
-        table.add_column(column, justify="right" if column[0] in "ltc" and column != "trace" else "left")
+    for column in (
+        "time",
+        "trace",
+        "route",
+        "model",
+        "status",
+        "latency ms",
+        "ttft ms",
+        "tokens",
+        "cost $",
+    ):
+        table.add_column(
+            column, justify="right" if column[0] in "ltc" and column != "trace" else "left"
+        )
     for span in page["data"]:
         table.add_row(
             _when(span["start_time"]),
@@ -211,7 +222,9 @@ def keys_create(
     db = Database(settings.resolved_database_url)
     db.migrate()
     raw, record = ApiKeyStore(db).create(name)
-    console.print(f"Created key [bold]{record.name}[/] ({record.id}). Store it now; it is not shown again:")
+    console.print(
+        f"Created key [bold]{record.name}[/] ({record.id}). Store it now; it is not shown again:"
+    )
     console.print(raw, highlight=False)
 
 
@@ -252,7 +265,7 @@ def config_check(
         config = load_config(file)
     except ConfigError as exc:
         for problem in exc.problems:
-            err.print(problem, highlight=False)
+            typer.echo(problem, err=True)
         raise typer.Exit(1) from None
     console.print(
         f"{file}: OK ({len(config.providers)} providers, {len(config.models)} models, "

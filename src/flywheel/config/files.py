@@ -71,8 +71,11 @@ def load_config_text(text: str, filename: str = "flywheel.yaml") -> FlywheelConf
     except ValidationError as exc:
         problems = []
         for err in exc.errors():
-            loc = tuple(p for p in err["loc"] if not isinstance(p, str) or not p.startswith("function-"))
-            problems.append(f"{filename}:{_line_of(loc, index)}: {_where(loc)}: {err['msg']}")
+            loc = tuple(
+                p for p in err["loc"] if not isinstance(p, str) or not p.startswith("function-")
+            )
+            message = err["msg"].removeprefix("Value error, ")
+            problems.append(f"{filename}:{_line_of(loc, index)}: {_where(loc)}: {message}")
         raise ConfigError(problems) from None
     problems = [
         f"{filename}:{_line_of(loc, index)}: {_where(loc)}: {msg}"

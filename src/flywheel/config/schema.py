@@ -6,8 +6,12 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
-Name = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")]
+Name = Annotated[
+    str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")
+]
 FallbackTrigger = int | Literal["timeout", "connection", "protocol"]
+RETRY_ON: tuple[FallbackTrigger, ...] = (429, 500, 502, 503, 504, "timeout", "connection")
+FALLBACK_ON: tuple[FallbackTrigger, ...] = (*RETRY_ON, "protocol")
 
 
 class _Strict(BaseModel):
@@ -19,7 +23,9 @@ class ProviderConfig(_Strict):
 
     type: Literal["local", "openai"]
     base_url: str | None = None
-    api_key_env: str | None = Field(default=None, description="Environment variable holding the key.")
+    api_key_env: str | None = Field(
+        default=None, description="Environment variable holding the key."
+    )
     api_key: SecretStr | None = Field(default=None, description="Inline key (prefer api_key_env).")
     headers: dict[str, str] = Field(default_factory=dict)
 
@@ -49,7 +55,9 @@ class CatalogModel(_Strict):
     name: Name
     provider: Name
     kind: Literal["chat", "embedding"] = "chat"
-    upstream_name: str | None = Field(default=None, description="Name sent upstream; default: name.")
+    upstream_name: str | None = Field(
+        default=None, description="Name sent upstream; default: name."
+    )
     source: str | None = Field(
         default=None, description="Local models: 'builtin:smollm2', an HF folder or a .gguf file."
     )
@@ -71,9 +79,7 @@ class RetryPolicy(_Strict):
     max_retry_after: float = Field(
         default=30.0, ge=0, description="A longer Retry-After falls back instead of waiting."
     )
-    on: list[FallbackTrigger] = Field(
-        default_factory=lambda: [429, 500, 502, 503, 504, "timeout", "connection"]
-    )
+    on: list[FallbackTrigger] = Field(default_factory=lambda: list(RETRY_ON))
 
 
 class RouteTarget(_Strict):
@@ -91,9 +97,7 @@ class RouteConfig(_Strict):
     description: str = ""
     targets: list[RouteTarget] = Field(min_length=1)
     fallbacks: list[Name] = Field(default_factory=list, description="Catalog models, in order.")
-    fallback_on: list[FallbackTrigger] = Field(
-        default_factory=lambda: [429, 500, 502, 503, 504, "timeout", "connection", "protocol"]
-    )
+    fallback_on: list[FallbackTrigger] = Field(default_factory=lambda: list(FALLBACK_ON))
     retry: RetryPolicy = Field(default_factory=RetryPolicy)
     timeout: float = Field(default=120.0, gt=0, description="Per-target timeout in seconds.")
 
@@ -114,18 +118,17 @@ class FlywheelConfig(_Strict):
                 errors.append((("models", i, "name"), f"duplicate model name '{model.name}'"))
             model_names.add(model.name)
             if model.provider not in self.providers:
-                errors.append(
-                    (("models", i, "provider"), f"unknown provider '{model.provider}'")
-                )
+                errors.append((("models", i, "provider"), f"unknown provider '{model.provider}'"))
         route_names: set[str] = set()
         for i, route in enumerate(self.routes):
             if route.name in route_names or route.name in model_names:
                 errors.append((("routes", i, "name"), f"name '{route.name}' is already used"))
             route_names.add(route.name)
-            refs = [("targets", j, "model", t.model) for j, t in enumerate(route.targets)]
-            refs += [("fallbacks", j, None, name) for j, name in enumerate(route.fallbacks)]
-            for field, j, sub, name in refs:
-                loc: tuple[str | int, ...] = ("routes", i, field, j) + ((sub,) if sub else ())
+            refs: list[tuple[tuple[str | int, ...], str]] = [
+                (("routes", i, "targets", j, "model"), t.model) for j, t in enumerate(route.targets)
+            ]
+            refs += [(("routes", i, "fallbacks", j), name) for j, name in enumerate(route.fallbacks)]
+            for loc, name in refs:
                 if name not in model_names:
                     errors.append((loc, f"unknown model '{name}'"))
         return errors

@@ -20,11 +20,21 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="FLYWHEEL_", env_file=".env", extra="ignore")
 
-    home: Path = Field(default=Path("~/.flywheel"), description="Folder for the database, artifacts and models.")
-    database_url: str | None = Field(default=None, description="SQLAlchemy URL; default: SQLite in home.")
-    artifact_root: str | None = Field(default=None, description="Artifact root (folder or fsspec URL).")
-    model_cache: Path | None = Field(default=None, description="Where converted local models are kept.")
-    config_file: Path | None = Field(default=None, description="flywheel.yaml; default: ./flywheel.yaml.")
+    home: Path = Field(
+        default=Path("~/.flywheel"), description="Folder for the database, artifacts and models."
+    )
+    database_url: str | None = Field(
+        default=None, description="SQLAlchemy URL; default: SQLite in home."
+    )
+    artifact_root: str | None = Field(
+        default=None, description="Artifact root (folder or fsspec URL)."
+    )
+    model_cache: Path | None = Field(
+        default=None, description="Where converted local models are kept."
+    )
+    config_file: Path | None = Field(
+        default=None, description="flywheel.yaml; default: ./flywheel.yaml."
+    )
     host: str = "127.0.0.1"
     port: int = 8000
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -32,15 +42,21 @@ class Settings(BaseSettings):
         default=None, description="Bootstrap admin API key; generated and printed once when unset."
     )
     capture: CaptureMode = Field(
-        default="full", description="'full' stores messages and responses in traces; 'metadata' omits them."
+        default="full",
+        description="'full' stores messages and responses in traces; 'metadata' omits them.",
     )
-    max_body_bytes: int = Field(default=4 * 1024 * 1024, description="Largest accepted request body.")
+    max_body_bytes: int = Field(
+        default=4 * 1024 * 1024, description="Largest accepted request body."
+    )
     local_max_batch_size: int = Field(default=8, ge=1, le=64)
     local_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     local_threads: int | None = Field(default=None, ge=1)
     preload_models: bool = Field(default=True, description="Load local models at start-up.")
     trace_flush_seconds: float = Field(default=0.2, gt=0)
     trace_batch_size: int = Field(default=1000, ge=1)
+    access_log: bool = Field(
+        default=False, description="uvicorn access log (traces record every call)."
+    )
     cookie_secure: bool = Field(default=True, description="Mark the UI session cookie Secure.")
 
     @property

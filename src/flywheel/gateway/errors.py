@@ -36,7 +36,9 @@ class GatewayError(Exception):
         self.message = message
         self.param = param
         self.code = code
-        self.type = type or _TYPES.get(status_code, "server_error" if status_code >= 500 else "api_error")
+        self.type = type or _TYPES.get(
+            status_code, "server_error" if status_code >= 500 else "api_error"
+        )
         self.headers = headers or {}
 
     def body(self) -> dict[str, Any]:
@@ -44,7 +46,10 @@ class GatewayError(Exception):
 
 
 def error_body(
-    message: str, type: str = "invalid_request_error", param: str | None = None, code: str | None = None
+    message: str,
+    type: str = "invalid_request_error",
+    param: str | None = None,
+    code: str | None = None,
 ) -> dict[str, Any]:
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
@@ -55,14 +60,31 @@ def from_provider_error(error: ProviderError, target: str) -> GatewayError:
     if error.kind == "timeout":
         return GatewayError(504, f"upstream '{target}' timed out", code="upstream_timeout")
     if error.kind == "connection":
-        return GatewayError(502, f"could not reach upstream '{target}': {error.message}", code="upstream_unreachable")
+        return GatewayError(
+            502,
+            f"could not reach upstream '{target}': {error.message}",
+            code="upstream_unreachable",
+        )
     if error.kind == "protocol":
-        return GatewayError(502, f"upstream '{target}' sent an invalid response: {error.message}", code="upstream_protocol_error")
+        return GatewayError(
+            502,
+            f"upstream '{target}' sent an invalid response: {error.message}",
+            code="upstream_protocol_error",
+        )
     if status == 429:
-        headers = {"Retry-After": str(max(1, round(error.retry_after)))} if error.retry_after else {}
-        return GatewayError(429, f"upstream '{target}' is rate limited: {error.message}", code="rate_limit_exceeded", headers=headers)
+        headers = (
+            {"Retry-After": str(max(1, round(error.retry_after)))} if error.retry_after else {}
+        )
+        return GatewayError(
+            429,
+            f"upstream '{target}' is rate limited: {error.message}",
+            code="rate_limit_exceeded",
+            headers=headers,
+        )
     if status in (401, 403):
-        return GatewayError(502, f"upstream '{target}' rejected Flywheel's credentials", code="upstream_auth_error")
+        return GatewayError(
+            502, f"upstream '{target}' rejected Flywheel's credentials", code="upstream_auth_error"
+        )
     if status is not None and 400 <= status < 500:
         # The request itself is wrong for the upstream (e.g. too long): the caller can fix it.
         return GatewayError(status, error.message, code="upstream_invalid_request")

@@ -148,7 +148,9 @@ class Gateway:
         return {
             "model": step.model.name,
             "ms": round((time.perf_counter() - started) * 1000, 3),
-            "error": None if error is None else {"trigger": error.trigger, "message": error.message},
+            "error": None
+            if error is None
+            else {"trigger": error.trigger, "message": error.message},
         }
 
     # -- chat ------------------------------------------------------------------------------
@@ -165,7 +167,9 @@ class Gateway:
 
         async def attempt(provider: Provider, step: Step) -> dict[str, Any]:
             body = request.upstream_body(step.model.wire_name)
-            return await asyncio.wait_for(provider.chat(step.model, body, step.timeout), step.timeout)
+            return await asyncio.wait_for(
+                provider.chat(step.model, body, step.timeout), step.timeout
+            )
 
         try:
             response = await self._run(call, route, attempt)
@@ -175,10 +179,12 @@ class Gateway:
         usage = response.get("usage") or {}
         output = None
         if self.capture_content:
-            output = {"choices": [
-                {"message": c.get("message"), "finish_reason": c.get("finish_reason")}
-                for c in response.get("choices", [])
-            ]}
+            output = {
+                "choices": [
+                    {"message": c.get("message"), "finish_reason": c.get("finish_reason")}
+                    for c in response.get("choices", [])
+                ]
+            }
         self._record(call, usage=usage, output=output)
         return response
 
@@ -254,11 +260,20 @@ class Gateway:
             # Tokens already reached the caller, so falling back would splice two answers.
             target = call.model.name if call.model else call.route
             error = GatewayError(
-                502, f"upstream '{target}' failed mid-stream: {exc.message}", code="stream_interrupted"
+                502,
+                f"upstream '{target}' failed mid-stream: {exc.message}",
+                code="stream_interrupted",
             )
             call.attempts.append(
-                {"model": target, "ms": None, "error": {"trigger": exc.trigger,
-                 "message": exc.message, "after_first_token": True}}
+                {
+                    "model": target,
+                    "ms": None,
+                    "error": {
+                        "trigger": exc.trigger,
+                        "message": exc.message,
+                        "after_first_token": True,
+                    },
+                }
             )
             yield sse(error.body())
         except (asyncio.CancelledError, GeneratorExit):
@@ -268,8 +283,14 @@ class Gateway:
             await chunks.aclose()  # type: ignore[attr-defined]
             output = None
             if self.capture_content:
-                output = {"choices": [{"message": {"role": "assistant", "content": "".join(text)},
-                                       "finish_reason": finish_reason}]}
+                output = {
+                    "choices": [
+                        {
+                            "message": {"role": "assistant", "content": "".join(text)},
+                            "finish_reason": finish_reason,
+                        }
+                    ]
+                }
             self._record(call, usage=usage, output=output, error=error, status=status)
 
     # -- embeddings ------------------------------------------------------------------------
@@ -281,7 +302,9 @@ class Gateway:
 
         async def attempt(provider: Provider, step: Step) -> dict[str, Any]:
             body = request.upstream_body(step.model.wire_name)
-            return await asyncio.wait_for(provider.embed(step.model, body, step.timeout), step.timeout)
+            return await asyncio.wait_for(
+                provider.embed(step.model, body, step.timeout), step.timeout
+            )
 
         try:
             response = await self._run(call, route, attempt)
@@ -316,32 +339,34 @@ class Gateway:
         model = call.model
         cost = model.pricing.cost(prompt, completion) if model is not None and usage else None
         end = time.time()
-        self.writer.record({
-            "trace_id": call.ctx.trace_id,
-            "span_id": call.ctx.span_id,
-            "parent_id": call.ctx.parent_id,
-            "name": f"{call.kind.split('.')[-1]} {call.route}",
-            "kind": call.kind,
-            "start_time": call.started,
-            "end_time": end,
-            "latency_ms": (time.perf_counter() - call.perf_start) * 1000,
-            "ttft_ms": call.ttft_ms,
-            "status": "error" if error is not None else status,
-            "status_code": error.status_code if error is not None else 200,
-            "error": error.message if error is not None else None,
-            "route": call.route,
-            "model": model.name if model else None,
-            "provider": model.provider if model else None,
-            "stream": call.stream,
-            "input": call.input,
-            "output": output,
-            "prompt_tokens": prompt,
-            "completion_tokens": completion,
-            "total_tokens": total,
-            "cost": cost,
-            "attempts": call.attempts,
-            "api_key_id": call.ctx.api_key_id,
-        })
+        self.writer.record(
+            {
+                "trace_id": call.ctx.trace_id,
+                "span_id": call.ctx.span_id,
+                "parent_id": call.ctx.parent_id,
+                "name": f"{call.kind.split('.')[-1]} {call.route}",
+                "kind": call.kind,
+                "start_time": call.started,
+                "end_time": end,
+                "latency_ms": (time.perf_counter() - call.perf_start) * 1000,
+                "ttft_ms": call.ttft_ms,
+                "status": "error" if error is not None else status,
+                "status_code": error.status_code if error is not None else 200,
+                "error": error.message if error is not None else None,
+                "route": call.route,
+                "model": model.name if model else None,
+                "provider": model.provider if model else None,
+                "stream": call.stream,
+                "input": call.input,
+                "output": output,
+                "prompt_tokens": prompt,
+                "completion_tokens": completion,
+                "total_tokens": total,
+                "cost": cost,
+                "attempts": call.attempts,
+                "api_key_id": call.ctx.api_key_id,
+            }
+        )
 
 
 __all__ = ["CallContext", "Gateway", "GatewayError", "error_body", "sse"]

@@ -70,7 +70,9 @@ class Provider(Protocol):
 
     name: str
 
-    async def chat(self, model: CatalogModel, body: dict[str, Any], timeout: float) -> dict[str, Any]:
+    async def chat(
+        self, model: CatalogModel, body: dict[str, Any], timeout: float
+    ) -> dict[str, Any]:
         """A non-streamed chat completion in OpenAI shape."""
         ...
 
@@ -80,7 +82,9 @@ class Provider(Protocol):
         """OpenAI ``chat.completion.chunk`` dicts; the last one carries ``usage``."""
         ...
 
-    async def embed(self, model: CatalogModel, body: dict[str, Any], timeout: float) -> dict[str, Any]:
+    async def embed(
+        self, model: CatalogModel, body: dict[str, Any], timeout: float
+    ) -> dict[str, Any]:
         """An OpenAI embeddings response."""
         ...
 

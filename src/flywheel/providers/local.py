@@ -141,7 +141,9 @@ class LocalProvider:
         if (body.get("n") or 1) != 1:
             raise InvalidRequest("local models return one choice (n=1)", param="n")
         stop = body.get("stop") or []
-        max_tokens = body.get("max_completion_tokens") or body.get("max_tokens") or DEFAULT_MAX_TOKENS
+        max_tokens = (
+            body.get("max_completion_tokens") or body.get("max_tokens") or DEFAULT_MAX_TOKENS
+        )
         temperature = body.get("temperature")
         top_p = body.get("top_p")
         return SamplingParams(
@@ -190,7 +192,9 @@ class LocalProvider:
             },
         }
 
-    async def chat(self, model: CatalogModel, body: dict[str, Any], timeout: float) -> dict[str, Any]:
+    async def chat(
+        self, model: CatalogModel, body: dict[str, Any], timeout: float
+    ) -> dict[str, Any]:
         text: list[str] = []
         finish_reason = "stop"
         usage: dict[str, int] = {}
@@ -218,7 +222,9 @@ class LocalProvider:
             "usage": usage,
         }
 
-    async def embed(self, model: CatalogModel, body: dict[str, Any], timeout: float) -> dict[str, Any]:
+    async def embed(
+        self, model: CatalogModel, body: dict[str, Any], timeout: float
+    ) -> dict[str, Any]:
         await self._ensure(model)
         embedder = self._embedders[model.name]
         raw = body["input"]

@@ -79,13 +79,17 @@ class OpenAICompatibleProvider:
             raise ProviderError("protocol", f"{self.name}: response is not a JSON object")
         return payload
 
-    async def chat(self, model: CatalogModel, body: dict[str, Any], timeout: float) -> dict[str, Any]:
+    async def chat(
+        self, model: CatalogModel, body: dict[str, Any], timeout: float
+    ) -> dict[str, Any]:
         payload = await self._post_json("/chat/completions", body, timeout)
         if not isinstance(payload.get("choices"), list):
             raise ProviderError("protocol", f"{self.name}: response has no choices")
         return payload
 
-    async def embed(self, model: CatalogModel, body: dict[str, Any], timeout: float) -> dict[str, Any]:
+    async def embed(
+        self, model: CatalogModel, body: dict[str, Any], timeout: float
+    ) -> dict[str, Any]:
         payload = await self._post_json("/embeddings", body, timeout)
         if not isinstance(payload.get("data"), list):
             raise ProviderError("protocol", f"{self.name}: response has no data")
@@ -113,7 +117,9 @@ class OpenAICompatibleProvider:
         except httpx.TimeoutException as exc:
             raise ProviderError("timeout", f"{self.name}: stream stalled for {timeout:g}s") from exc
         except httpx.TransportError as exc:
-            raise ProviderError("connection", f"{self.name}: stream broke ({type(exc).__name__})") from exc
+            raise ProviderError(
+                "connection", f"{self.name}: stream broke ({type(exc).__name__})"
+            ) from exc
         finally:
             await response.aclose()
 

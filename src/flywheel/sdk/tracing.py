@@ -180,7 +180,11 @@ def traceparent() -> str | None:
 
 @contextlib.contextmanager
 def span(
-    name: str, *, kind: str = "function", input: Any = None, attributes: dict[str, Any] | None = None
+    name: str,
+    *,
+    kind: str = "function",
+    input: Any = None,
+    attributes: dict[str, Any] | None = None,
 ) -> Iterator[Span]:
     """Record a span around a block; it nests under the current span, if any."""
     parent = _current.get()

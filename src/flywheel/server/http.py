@@ -38,12 +38,16 @@ async def read_json(request: Request, model: type[M]) -> M:
     limit = services(request).settings.max_body_bytes
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
-        raise GatewayError(413, f"Request body is larger than {limit} bytes.", code="body_too_large")
+        raise GatewayError(
+            413, f"Request body is larger than {limit} bytes.", code="body_too_large"
+        )
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
         if len(body) > limit:
-            raise GatewayError(413, f"Request body is larger than {limit} bytes.", code="body_too_large")
+            raise GatewayError(
+                413, f"Request body is larger than {limit} bytes.", code="body_too_large"
+            )
     try:
         data: Any = json.loads(body)
     except ValueError as exc:

@@ -93,7 +93,9 @@ def create_upstream_app() -> Starlette:
             await asyncio.sleep(60)
         if model == "garbage":
             if stream:
-                return StreamingResponse(iter([b"data: {not json\n\n"]), media_type="text/event-stream")
+                return StreamingResponse(
+                    iter([b"data: {not json\n\n"]), media_type="text/event-stream"
+                )
             return Response("<html>definitely not json", media_type="text/html")
         if model.startswith("flaky-"):
             key = (model, str(body.get("user", "")))
@@ -118,7 +120,9 @@ def create_upstream_app() -> Starlette:
             "created": int(time.time()),
             "model": model,
         }
-        yield _sse({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]})
+        yield _sse(
+            {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}
+        )
         words = text.split(" ")
         for i, word in enumerate(words):
             piece = word if i == 0 else " " + word
@@ -145,8 +149,12 @@ def create_upstream_app() -> Starlette:
             for i, t in enumerate(inputs)
         ]
         return JSONResponse(
-            {"object": "list", "model": body.get("model"), "data": data,
-             "usage": {"prompt_tokens": len(inputs), "total_tokens": len(inputs)}}
+            {
+                "object": "list",
+                "model": body.get("model"),
+                "data": data,
+                "usage": {"prompt_tokens": len(inputs), "total_tokens": len(inputs)},
+            }
         )
 
     async def get_calls(request: Request) -> Response:
@@ -223,8 +231,9 @@ def main() -> None:
     args = parser.parse_args()
     port = args.port or free_port()
     print(f"fake upstream on http://127.0.0.1:{port}/v1", flush=True)
-    uvicorn.run(create_upstream_app(), host="127.0.0.1", port=port, log_level="warning",
-                access_log=False)
+    uvicorn.run(
+        create_upstream_app(), host="127.0.0.1", port=port, log_level="warning", access_log=False
+    )
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Select, and_, or_, select
+from sqlalchemy import ColumnElement, Select, and_, or_, select
 
 from flywheel.store import Database, SpanRecord
 
@@ -82,7 +82,7 @@ class TraceQueries:
         self.db = db
 
     def _filtered(self, query: Select[Any], flt: TraceFilter) -> Select[Any]:
-        conditions = [SpanRecord.parent_id.is_(None)]
+        conditions: list[ColumnElement[bool]] = [SpanRecord.parent_id.is_(None)]
         if flt.route:
             conditions.append(SpanRecord.route == flt.route)
         if flt.model:

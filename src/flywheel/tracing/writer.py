@@ -86,7 +86,9 @@ class TraceWriter:
         self._queue.put(None)
         self._thread.join(timeout)
         if self._thread.is_alive():
-            log.error("trace writer did not drain within %.0fs; %d spans pending", timeout, self.pending)
+            log.error(
+                "trace writer did not drain within %.0fs; %d spans pending", timeout, self.pending
+            )
 
     def _run(self) -> None:
         stopping = False

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from flywheel.gateway import CallContext, ChatCompletionRequest, EmbeddingRequest
+from flywheel.gateway import CallContext, ChatCompletionRequest, EmbeddingRequest, GatewayError
 from flywheel.security import AuthenticatedKey
 from flywheel.server.http import read_json, require_key, services
 from flywheel.tracing import parse_traceparent
 
 router = APIRouter(prefix="/v1", tags=["openai"])
+TRACE_HEADER = "x-flywheel-trace-id"
 
 
 def _body_schema(model: type[ChatCompletionRequest] | type[EmbeddingRequest]) -> dict[str, Any]:
@@ -32,23 +35,32 @@ def _context(request: Request, key: AuthenticatedKey) -> CallContext:
     return ctx
 
 
+@contextmanager
+def _traced_errors(ctx: CallContext) -> Iterator[None]:
+    """Error responses carry the trace id too, so a failed call can be looked up."""
+    try:
+        yield
+    except GatewayError as exc:
+        exc.headers[TRACE_HEADER] = ctx.trace_id
+        raise
+
+
 @router.post("/chat/completions", openapi_extra=_body_schema(ChatCompletionRequest))
-async def chat_completions(
-    request: Request, key: AuthenticatedKey = Depends(require_key)
-) -> Any:
+async def chat_completions(request: Request, key: AuthenticatedKey = Depends(require_key)) -> Any:
     """Chat completions, JSON or server-sent events (``"stream": true``)."""
     body = await read_json(request, ChatCompletionRequest)
     ctx = _context(request, key)
     gateway = services(request).gateway
-    headers = {"x-flywheel-trace-id": ctx.trace_id}
-    if body.stream:
-        events = await gateway.stream_chat(body, ctx)
-        return StreamingResponse(
-            events,
-            media_type="text/event-stream",
-            headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        )
-    return JSONResponse(await gateway.chat(body, ctx), headers=headers)
+    headers = {TRACE_HEADER: ctx.trace_id}
+    with _traced_errors(ctx):
+        if body.stream:
+            events = await gateway.stream_chat(body, ctx)
+            return StreamingResponse(
+                events,
+                media_type="text/event-stream",
+                headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
+        return JSONResponse(await gateway.chat(body, ctx), headers=headers)
 
 
 @router.post("/embeddings", openapi_extra=_body_schema(EmbeddingRequest))
@@ -56,8 +68,9 @@ async def embeddings(request: Request, key: AuthenticatedKey = Depends(require_k
     """Embeddings of one text or a list of texts."""
     body = await read_json(request, EmbeddingRequest)
     ctx = _context(request, key)
-    result = await services(request).gateway.embeddings(body, ctx)
-    return JSONResponse(result, headers={"x-flywheel-trace-id": ctx.trace_id})
+    with _traced_errors(ctx):
+        result = await services(request).gateway.embeddings(body, ctx)
+    return JSONResponse(result, headers={TRACE_HEADER: ctx.trace_id})
 
 
 @router.get("/models")
@@ -73,6 +86,6 @@ async def get_model(
     for item in services(request).gateway.list_models():
         if item["id"] == model_id:
             return item
-    from flywheel.gateway import GatewayError
-
-    raise GatewayError(404, f"The model '{model_id}' does not exist.", param="model", code="model_not_found")
+    raise GatewayError(
+        404, f"The model '{model_id}' does not exist.", param="model", code="model_not_found"
+    )

@@ -1,0 +1,138 @@
+"""Bad input gets a 4xx with an OpenAI-style error body, never a 500."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+
+def _assert_openai_error(response: httpx.Response, status: int) -> dict:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"}
+    assert {"message", "type", "param", "code"} <= set(body["error"])
+    assert body["error"]["message"]
+    assert "Traceback" not in response.text
+    return body["error"]
+
+
+def test_missing_key(server) -> None:
+    response = httpx.post(f"{server.base_url}/v1/chat/completions", json={})
+    error = _assert_openai_error(response, 401)
+    assert error["type"] == "authentication_error"
+
+
+def test_wrong_key(server) -> None:
+    response = httpx.get(
+        f"{server.base_url}/v1/models", headers={"Authorization": "Bearer fw-nope"}
+    )
+    assert _assert_openai_error(response, 401)["code"] == "invalid_api_key"
+
+
+def test_api_routes_need_a_key_too(server) -> None:
+    _assert_openai_error(httpx.get(f"{server.base_url}/api/traces"), 401)
+
+
+def test_malformed_json(api: httpx.Client) -> None:
+    response = api.post(
+        "/v1/chat/completions",
+        content=b'{"model": "echo", "messages": [',
+        headers={"Content-Type": "application/json"},
+    )
+    assert _assert_openai_error(response, 400)["code"] == "invalid_json"
+
+
+def test_body_not_an_object(api: httpx.Client) -> None:
+    _assert_openai_error(api.post("/v1/chat/completions", json=[1, 2]), 400)
+
+
+def test_unknown_model(api: httpx.Client) -> None:
+    response = api.post(
+        "/v1/chat/completions",
+        json={"model": "no-such-model", "messages": [{"role": "user", "content": "x"}]},
+    )
+    error = _assert_openai_error(response, 404)
+    assert error["code"] == "model_not_found" and error["param"] == "model"
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"model": "echo", "messages": "hello"}, "messages"),
+        ({"model": "echo", "messages": []}, "messages"),
+        ({"model": "echo", "messages": [{"role": "wizard", "content": "x"}]}, "messages.0.role"),
+        (
+            {"model": "echo", "messages": [{"role": "user", "content": "x"}], "temperature": "hot"},
+            "temperature",
+        ),
+        (
+            {"model": "echo", "messages": [{"role": "user", "content": "x"}], "temperature": 7},
+            "temperature",
+        ),
+        (
+            {"model": "echo", "messages": [{"role": "user", "content": "x"}], "max_tokens": 0},
+            "max_tokens",
+        ),
+        (
+            {"model": "echo", "messages": [{"role": "user", "content": "x"}], "stream": "yes"},
+            "stream",
+        ),
+        (
+            {"model": "echo", "messages": [{"role": "user", "content": "x"}], "stop": ["a"] * 5},
+            "stop",
+        ),
+        ({"messages": [{"role": "user", "content": "x"}]}, "model"),
+        ({"model": 42, "messages": [{"role": "user", "content": "x"}]}, "model"),
+    ],
+)
+def test_wrong_types_name_the_parameter(api: httpx.Client, body: dict, param: str) -> None:
+    error = _assert_openai_error(api.post("/v1/chat/completions", json=body), 400)
+    assert error["param"] is not None and error["param"].startswith(param)
+
+
+def test_oversized_body(api: httpx.Client) -> None:
+    huge = "x" * (5 * 1024 * 1024)
+    response = api.post(
+        "/v1/chat/completions",
+        json={"model": "echo", "messages": [{"role": "user", "content": huge}]},
+    )
+    assert _assert_openai_error(response, 413)["code"] == "body_too_large"
+
+
+def test_embedding_model_used_for_chat(api: httpx.Client) -> None:
+    response = api.post(
+        "/v1/chat/completions",
+        json={"model": "all-minilm-l6-v2", "messages": [{"role": "user", "content": "x"}]},
+    )
+    _assert_openai_error(response, 400)
+
+
+def test_bad_embeddings_input(api: httpx.Client) -> None:
+    _assert_openai_error(
+        api.post("/v1/embeddings", json={"model": "all-minilm-l6-v2", "input": []}), 400
+    )
+    _assert_openai_error(
+        api.post("/v1/embeddings", json={"model": "all-minilm-l6-v2", "input": 3}), 400
+    )
+    _assert_openai_error(
+        api.post(
+            "/v1/embeddings", json={"model": "all-minilm-l6-v2", "input": "x", "dimensions": 8}
+        ),
+        400,
+    )
+
+
+def test_local_model_rejects_unsupported_parameters(api: httpx.Client) -> None:
+    body = {"model": "default", "messages": [{"role": "user", "content": "x"}], "n": 2}
+    assert _assert_openai_error(api.post("/v1/chat/completions", json=body), 400)["param"] == "n"
+
+
+def test_unknown_path_and_method(api: httpx.Client) -> None:
+    _assert_openai_error(api.get("/v1/nothing-here"), 404)
+    _assert_openai_error(api.get("/v1/chat/completions"), 405)
+
+
+def test_bad_query_parameters(api: httpx.Client) -> None:
+    _assert_openai_error(api.get("/api/traces", params={"limit": "many"}), 400)
+    _assert_openai_error(api.get("/api/traces", params={"cursor": "garbage"}), 400)
+    _assert_openai_error(api.get("/api/traces/0123456789abcdef0123456789abcdef"), 404)
