@@ -70,7 +70,8 @@ def test_sigterm_under_load_loses_no_trace(tmp_path, upstream) -> None:
         await load
 
     asyncio.run(scenario())
-    assert server.process.wait(60) == 0, server.log()
+    # uvicorn shuts down gracefully, then re-raises SIGTERM so the exit status reports it.
+    assert server.process.wait(60) in (0, -signal.SIGTERM), server.log()
     database = sqlite3.connect(tmp_path / "home" / "flywheel.db")
     stored = {row[0] for row in database.execute("SELECT trace_id FROM spans")}
     database.close()
