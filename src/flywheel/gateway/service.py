@@ -167,9 +167,8 @@ class Gateway:
 
         async def attempt(provider: Provider, step: Step) -> dict[str, Any]:
             body = request.upstream_body(step.model.wire_name)
-            return await asyncio.wait_for(
-                provider.chat(step.model, body, step.timeout), step.timeout
-            )
+            async with asyncio.timeout(step.timeout):
+                return await provider.chat(step.model, body, step.timeout)
 
         try:
             response = await self._run(call, route, attempt)
@@ -302,9 +301,8 @@ class Gateway:
 
         async def attempt(provider: Provider, step: Step) -> dict[str, Any]:
             body = request.upstream_body(step.model.wire_name)
-            return await asyncio.wait_for(
-                provider.embed(step.model, body, step.timeout), step.timeout
-            )
+            async with asyncio.timeout(step.timeout):
+                return await provider.embed(step.model, body, step.timeout)
 
         try:
             response = await self._run(call, route, attempt)

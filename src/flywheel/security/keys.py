@@ -101,6 +101,12 @@ class ApiKeyStore:
                 return None
             return AuthenticatedKey(record.id, record.name, record.role)
 
+    def cached(self, raw: str) -> AuthenticatedKey | None:
+        """The key's identity if it was verified recently; None means "ask :meth:`verify`"."""
+        with self._lock:
+            hit = self._cache.get(hash_key(raw))
+        return hit[1] if hit is not None and hit[0] > time.monotonic() else None
+
     def verify(self, raw: str) -> AuthenticatedKey | None:
         """The key's identity, or None for an unknown or revoked key."""
         digest = hash_key(raw)

@@ -57,6 +57,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=__version__,
         description="Self-hosted LLMOps: gateway, traces, evals, prompts, tuning, governance.",
         lifespan=lifespan,
+        # Flywheel traces every call itself; FastAPI's own OpenTelemetry hooks would add
+        # per-request cost to the gateway's hot path for spans nobody exports.
+        telemetry={"tracing": False, "metrics": False, "logs": False, "operation_spans": False},
     )
     app.include_router(openai.router)
     app.include_router(api.router)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any, TypeVar
 
@@ -62,7 +63,7 @@ async def read_json(request: Request, model: type[M]) -> M:
         raise validation_error(exc) from None
 
 
-def require_key(request: Request) -> AuthenticatedKey:
+async def require_key(request: Request) -> AuthenticatedKey:
     """The caller's API key from ``Authorization: Bearer …``; 401 otherwise."""
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
@@ -73,7 +74,11 @@ def require_key(request: Request) -> AuthenticatedKey:
             code="missing_api_key",
             type="authentication_error",
         )
-    key = services(request).keys.verify(token.strip())
+    keys = services(request).keys
+    # Verified keys are cached in memory; only a cache miss reads the database.
+    key = keys.cached(token.strip())
+    if key is None:
+        key = await asyncio.to_thread(keys.verify, token.strip())
     if key is None:
         raise GatewayError(
             401, "Incorrect API key provided.", code="invalid_api_key", type="authentication_error"

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import queue
 import re
-import secrets
+import random
 import threading
 import time
 from typing import Any
@@ -28,11 +28,12 @@ _SPAN_DEFAULTS: dict[str, Any] = {"status": "ok", "stream": False}
 
 
 def new_trace_id() -> str:
-    return secrets.token_hex(16)
+    # Ids need uniqueness, not secrecy (as in OpenTelemetry's SDK): no syscall per id.
+    return f"{random.getrandbits(128):032x}"
 
 
 def new_span_id() -> str:
-    return secrets.token_hex(8)
+    return f"{random.getrandbits(64):016x}"
 
 
 def parse_traceparent(header: str | None) -> tuple[str, str] | None:
