@@ -1,0 +1,351 @@
+"""The UI's pages: login, dashboard, traces explorer, trace detail, routes and models.
+
+Handlers are a thin edge over the services: they read query parameters, call the trace
+queries and the config, and render templates. A request made by HTMX gets only the
+fragment it swaps (chosen by its ``HX-Target``); any other request gets the whole page.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+import jinja2
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from fastapi.staticfiles import StaticFiles
+from fastapi.templating import Jinja2Templates
+
+from flywheel import __version__
+from flywheel.security import AuthenticatedKey
+from flywheel.server.http import services
+from flywheel.tracing import TraceFilter
+from flywheel.ui import present
+from flywheel.ui.assets import STATIC_DIR, missing_vendor_files
+from flywheel.ui.session import (
+    LoginRequired,
+    current_key,
+    end_session,
+    login_redirect,
+    safe_next,
+    session_key_id,
+    start_session,
+)
+
+TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"
+PAGE_SIZE = 50
+TRACE_STATUSES = ("ok", "error", "cancelled")
+MAX_KEY_LENGTH = 512
+
+# Scripts and styles come only from /static: no inline code, no third-party origin.
+CONTENT_SECURITY_POLICY = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "connect-src 'self'; font-src 'self'; object-src 'none'; base-uri 'self'; "
+    "form-action 'self'; frame-ancestors 'none'"
+)
+PAGE_HEADERS = {
+    "Cache-Control": "no-store",
+    "Vary": "HX-Request, HX-Target",
+    "Content-Security-Policy": CONTENT_SECURITY_POLICY,
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "same-origin",
+}
+
+
+def static_url(name: str) -> str:
+    """URL of a file under ``static/``, versioned by its modification time for caching."""
+    try:
+        version = int((STATIC_DIR / name).stat().st_mtime)
+    except OSError:
+        version = 0
+    return f"/static/{name}?v={__version__}.{version}"
+
+
+def _environment() -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(TEMPLATE_DIR),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.filters.update(present.FILTERS)
+    env.globals.update(static_url=static_url, version=__version__, windows=present.WINDOWS)
+    return env
+
+
+templates = Jinja2Templates(env=_environment())
+router = APIRouter(include_in_schema=False)
+
+
+def install(app: FastAPI) -> None:
+    """Serve the UI on ``app``: static files at ``/static``, pages at ``/``."""
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    app.include_router(router)
+
+    async def login_required(request: Request, exc: Exception) -> Response:
+        if not isinstance(exc, LoginRequired):  # registered for LoginRequired only
+            raise exc
+        return login_redirect(request, exc)
+
+    app.add_exception_handler(LoginRequired, login_required)
+
+
+def render(
+    request: Request,
+    template: str,
+    context: Mapping[str, Any] | None = None,
+    status_code: int = 200,
+    headers: Mapping[str, str] | None = None,
+) -> HTMLResponse:
+    """A template with the layout's common context and the UI's security headers."""
+    missing = missing_vendor_files()
+    names = {f.name for f in missing}
+    user: AuthenticatedKey | None = getattr(request.state, "ui_key", None)
+    full_context: dict[str, Any] = {
+        "user": user,
+        "nav": "",
+        "vendor": {
+            "htmx": "htmx.min.js" not in names,
+            "chart": "chart.umd.min.js" not in names,
+        },
+        "missing_assets": [f.name for f in missing],
+        **(context or {}),
+    }
+    response = templates.TemplateResponse(
+        request, template, full_context, status_code=status_code, headers=PAGE_HEADERS
+    )
+    if headers:
+        response.headers.update(headers)
+    return response
+
+
+def _htmx_target(request: Request) -> str | None:
+    """The element an HTMX request will swap, or None for a full-page request."""
+    if request.headers.get("hx-request") != "true":
+        return None
+    if request.headers.get("hx-history-restore-request") == "true":
+        return None
+    return request.headers.get("hx-target")
+
+
+def _cross_site(request: Request) -> bool:
+    # Browsers label every request with Sec-Fetch-Site; a form posted from another site
+    # must not log anyone in or out.
+    return request.headers.get("sec-fetch-site") == "cross-site"
+
+
+def _options(*groups: list[str], selected: str | None = None) -> list[str]:
+    """Sorted, de-duplicated choices for a filter, keeping a selected value that is absent."""
+    values = {v for group in groups for v in group}
+    if selected:
+        values.add(selected)
+    return sorted(values)
+
+
+# -- login ---------------------------------------------------------------------------------
+
+
+@router.get("/login")
+def login_page(request: Request, next: str | None = None) -> Response:
+    """The login form; a visitor with a valid session goes straight on."""
+    target = safe_next(next)
+    key_id = session_key_id(request)
+    if key_id and services(request).keys.get_active(key_id):
+        return RedirectResponse(target, status_code=303)
+    return render(request, "login.html", {"next": target, "error": None})
+
+
+@router.post("/login")
+async def login(request: Request) -> Response:
+    """Verify the API key from the form and start a session holding only the key's id."""
+    if _cross_site(request):
+        error = "This login came from another site. Log in here instead."
+        return render(request, "login.html", {"next": "/", "error": error}, status_code=403)
+    form = await request.form()
+    raw = form.get("api_key")
+    target = safe_next(str(form.get("next") or "/"))
+    key: AuthenticatedKey | None = None
+    if isinstance(raw, str) and raw.strip() and len(raw) <= MAX_KEY_LENGTH:
+        key = await run_in_threadpool(services(request).keys.verify, raw.strip())
+    if key is None:
+        error = (
+            "Enter your API key."
+            if not isinstance(raw, str) or not raw.strip()
+            else "That API key is not valid, or it has been revoked."
+        )
+        return render(request, "login.html", {"next": target, "error": error}, status_code=401)
+    response = RedirectResponse(target, status_code=303)
+    start_session(request, response, key)
+    return response
+
+
+@router.post("/logout")
+def logout(request: Request) -> Response:
+    """End the session and return to the login page."""
+    if _cross_site(request):
+        return Response(status_code=403)
+    response = RedirectResponse("/login", status_code=303)
+    end_session(request, response)
+    return response
+
+
+# -- observe: dashboard ----------------------------------------------------------------------
+
+
+@router.get("/")
+def dashboard(
+    request: Request,
+    window: str | None = None,
+    route: str | None = None,
+    _: AuthenticatedKey = Depends(current_key),
+) -> Response:
+    """Totals and time series of gateway traffic over the selected window."""
+    svc = services(request)
+    selected = present.window_for(window) or present.DEFAULT_WINDOW
+    route = route or None
+    stats = svc.traces.timeseries(selected.seconds, selected.buckets, route)
+    context = {
+        "nav": "dashboard",
+        "window": selected,
+        "window_name": present.WINDOW_NAMES[selected.key],
+        "route": route,
+        "routes": _options(
+            [r.name for r in svc.config.routes], svc.traces.distinct_values("route"), selected=route
+        ),
+        "totals": stats["totals"],
+        "chart": present.chart_data(stats),
+        "base_url": str(request.base_url).rstrip("/"),
+        "example_route": svc.config.routes[0].name if svc.config.routes else "default",
+    }
+    if _htmx_target(request) == "dashboard-panel":
+        query = {"window": selected.key, **({"route": route} if route else {})}
+        return render(
+            request,
+            "_dashboard_panel.html",
+            context,
+            headers={"HX-Push-Url": f"/?{urlencode(query)}"},
+        )
+    return render(request, "dashboard.html", context)
+
+
+# -- observe: traces -------------------------------------------------------------------------
+
+
+@router.get("/traces")
+def traces(
+    request: Request,
+    route: str | None = None,
+    model: str | None = None,
+    status: str | None = None,
+    window: str | None = None,
+    cursor: str | None = None,
+    _: AuthenticatedKey = Depends(current_key),
+) -> Response:
+    """Root spans, newest first, filtered and paged with a keyset cursor."""
+    svc = services(request)
+    selected = present.window_for(window, default=None)
+    filters = {
+        "route": route or "",
+        "model": model or "",
+        "status": status if status in TRACE_STATUSES else "",
+        "window": selected.key if selected else "",
+    }
+    flt = TraceFilter(
+        route=filters["route"] or None,
+        model=filters["model"] or None,
+        status=filters["status"] or None,
+        since=time.time() - selected.seconds if selected else None,
+    )
+    try:
+        page = svc.traces.list_traces(flt, PAGE_SIZE, cursor or None)
+    except ValueError:
+        # A mangled cursor (hand-edited URL) restarts from the newest trace.
+        page = svc.traces.list_traces(flt, PAGE_SIZE, None)
+    query = {k: v for k, v in filters.items() if v}
+    canonical = "/traces" + (f"?{urlencode(query)}" if query else "")
+    context = {
+        "nav": "traces",
+        "filters": filters,
+        "filtered": bool(query),
+        "rows": page.items,
+        "next_url": f"/traces?{urlencode({**query, 'cursor': page.next_cursor})}"
+        if page.next_cursor
+        else None,
+        "routes": _options(
+            [r.name for r in svc.config.routes],
+            svc.traces.distinct_values("route"),
+            selected=filters["route"],
+        ),
+        "models": _options(
+            [m.name for m in svc.config.models],
+            svc.traces.distinct_values("model"),
+            selected=filters["model"],
+        ),
+        "statuses": TRACE_STATUSES,
+        "paged": bool(cursor),
+        "first_url": canonical,
+    }
+    target = _htmx_target(request)
+    if target == "load-more":
+        return render(request, "_trace_rows.html", context)
+    if target == "trace-results":
+        # The form's own URL lists empty fields; push the tidy one instead.
+        return render(request, "_trace_results.html", context, headers={"HX-Push-Url": canonical})
+    return render(request, "traces.html", context)
+
+
+@router.get("/traces/{trace_id}")
+def trace_detail(
+    request: Request, trace_id: str, _: AuthenticatedKey = Depends(current_key)
+) -> Response:
+    """One trace: its span tree and, for gateway spans, the call in full."""
+    spans = services(request).traces.get_trace(trace_id) if len(trace_id) <= 64 else []
+    if not spans:
+        return render(
+            request, "not_found.html", {"nav": "traces", "trace_id": trace_id}, status_code=404
+        )
+    return render(
+        request, "trace.html", {"nav": "traces", "trace": present.trace_view(trace_id, spans)}
+    )
+
+
+# -- serve: routes and models ----------------------------------------------------------------
+
+
+@router.get("/routes")
+def routes_page(request: Request, _: AuthenticatedKey = Depends(current_key)) -> Response:
+    """The configured routes and the model catalog with each model's readiness."""
+    svc = services(request)
+    routes = []
+    for route in svc.config.routes:
+        total_weight = sum(t.weight for t in route.targets)
+        routes.append(
+            {
+                "route": route,
+                "targets": [
+                    {
+                        "target": t,
+                        "share": t.weight / total_weight,
+                        "timeout": t.timeout or route.timeout,
+                    }
+                    for t in route.targets
+                ],
+            }
+        )
+    catalog = [
+        {
+            "model": m,
+            "provider_type": svc.config.providers[m.provider].type
+            if m.provider in svc.config.providers
+            else "",
+            "ready": svc.providers.provider_for(m).is_ready(m),
+        }
+        for m in svc.config.models
+    ]
+    return render(request, "routes.html", {"nav": "routes", "routes": routes, "catalog": catalog})

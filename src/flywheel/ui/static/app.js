@@ -1,0 +1,291 @@
+/* Flywheel UI behaviour: charts, local times and clickable rows.
+ *
+ * Runs after htmx and Chart.js (all scripts are deferred, in order) and works without
+ * either: pages are server-rendered, so this only enhances them. Content swapped in by
+ * htmx is enhanced on its "htmx:load" event, the initial page on DOMContentLoaded.
+ */
+(function () {
+  "use strict";
+
+  var charts = [];
+
+  function cssVar(name, fallback) {
+    var value = getComputedStyle(document.documentElement).getPropertyValue(name).trim();
+    return value || fallback;
+  }
+
+  function labelFormatter(bucketSeconds) {
+    var options =
+      bucketSeconds >= 3 * 3600
+        ? { weekday: "short", hour: "2-digit", minute: "2-digit" }
+        : { hour: "2-digit", minute: "2-digit" };
+    var format = new Intl.DateTimeFormat(undefined, options);
+    return function (seconds) {
+      return format.format(new Date(seconds * 1000));
+    };
+  }
+
+  function formatMs(value) {
+    if (value === null || value === undefined) return "—";
+    if (value >= 10000) return Math.round(value / 1000) + " s";
+    if (value >= 1000) return Number((value / 1000).toFixed(2)) + " s";
+    if (value >= 10) return Math.round(value) + " ms";
+    return Number(value.toPrecision(2)) + " ms";
+  }
+
+  function formatCost(value) {
+    if (!value) return "$0";
+    return "$" + Number(value.toPrecision(value >= 1 ? 4 : 2));
+  }
+
+  function formatCount(value) {
+    return Math.round(value).toLocaleString();
+  }
+
+  // A bucket with data between two empty ones would draw no line; give it a dot.
+  function isolatedPointRadius(context) {
+    var data = context.dataset.data;
+    var i = context.dataIndex;
+    if (data[i] === null || data[i] === undefined) return 0;
+    var before = i > 0 ? data[i - 1] : null;
+    var after = i < data.length - 1 ? data[i + 1] : null;
+    return before === null && after === null ? 3 : 0;
+  }
+
+  function baseOptions(formatY, tickLimit) {
+    return {
+      responsive: true,
+      maintainAspectRatio: false,
+      animation: false,
+      interaction: { mode: "index", intersect: false },
+      plugins: {
+        legend: { display: false },
+        tooltip: {
+          callbacks: {
+            label: function (item) {
+              var value = item.parsed.y;
+              return " " + item.dataset.label + ": " + (value === null ? "—" : formatY(value));
+            },
+          },
+        },
+      },
+      scales: {
+        x: {
+          grid: { display: false },
+          ticks: {
+            maxTicksLimit: tickLimit,
+            maxRotation: 0,
+            autoSkipPadding: 16,
+            color: cssVar("--text-3", "#6b7280"),
+          },
+        },
+        y: {
+          beginAtZero: true,
+          grid: { color: cssVar("--chart-grid", "#eceef2") },
+          border: { display: false },
+          ticks: {
+            maxTicksLimit: 5,
+            color: cssVar("--text-3", "#6b7280"),
+            callback: function (value) {
+              return formatY(value);
+            },
+          },
+        },
+      },
+    };
+  }
+
+  function lineDataset(label, data, color, fill) {
+    return {
+      label: label,
+      data: data,
+      borderColor: color,
+      backgroundColor: fill ? color + "22" : color,
+      fill: !!fill,
+      borderWidth: 2,
+      pointRadius: isolatedPointRadius,
+      pointBackgroundColor: color,
+      pointHoverRadius: 4,
+      tension: 0.25,
+      spanGaps: false,
+    };
+  }
+
+  function chartConfig(kind, data, width) {
+    var c1 = cssVar("--chart-1", "#4f46e5");
+    var c2 = cssVar("--chart-2", "#0ea5e9");
+    var c3 = cssVar("--chart-3", "#f59e0b");
+    var ok = cssVar("--chart-ok", "#6366f1");
+    var err = cssVar("--chart-err", "#ef4444");
+    var labels = data.starts.map(labelFormatter(data.bucket_seconds));
+    var ticks = Math.max(2, Math.floor(width / 110));
+    var options;
+    if (kind === "requests") {
+      options = baseOptions(formatCount, ticks);
+      options.scales.x.stacked = true;
+      options.scales.y.stacked = true;
+      options.scales.y.ticks.precision = 0;
+      return {
+        type: "bar",
+        data: {
+          labels: labels,
+          datasets: [
+            {
+              label: "ok",
+              data: data.requests.map(function (n, i) { return n - data.errors[i]; }),
+              backgroundColor: ok,
+              borderRadius: 2,
+            },
+            { label: "errors", data: data.errors, backgroundColor: err, borderRadius: 2 },
+          ],
+        },
+        options: options,
+      };
+    }
+    if (kind === "latency") {
+      return {
+        type: "line",
+        data: {
+          labels: labels,
+          datasets: [
+            lineDataset("p50", data.p50_ms, c1, false),
+            lineDataset("p95", data.p95_ms, c3, false),
+          ],
+        },
+        options: baseOptions(formatMs, ticks),
+      };
+    }
+    if (kind === "tokens") {
+      options = baseOptions(formatCount, ticks);
+      options.scales.y.ticks.precision = 0;
+      return {
+        type: "bar",
+        data: {
+          labels: labels,
+          datasets: [{ label: "tokens", data: data.tokens, backgroundColor: c2, borderRadius: 2 }],
+        },
+        options: options,
+      };
+    }
+    if (kind === "cost") {
+      return {
+        type: "line",
+        data: { labels: labels, datasets: [lineDataset("cost", data.cost, c1, true)] },
+        options: baseOptions(formatCost, ticks),
+      };
+    }
+    if (kind === "error_rate") {
+      options = baseOptions(function (v) { return Math.round(v * 10) / 10 + "%"; }, ticks);
+      options.scales.y.suggestedMax = 10;
+      return {
+        type: "line",
+        data: { labels: labels, datasets: [lineDataset("error rate", data.error_rate, err, true)] },
+        options: options,
+      };
+    }
+    return null;
+  }
+
+  function initCharts(root) {
+    // Charts whose canvas was swapped out would otherwise keep their listeners alive.
+    charts = charts.filter(function (chart) {
+      if (chart.canvas && chart.canvas.isConnected) return true;
+      chart.destroy();
+      return false;
+    });
+    if (!window.Chart) return;
+    var groups = root.querySelectorAll ? root.querySelectorAll("[data-charts]") : [];
+    if (root.matches && root.matches("[data-charts]")) groups = [root];
+    Array.prototype.forEach.call(groups, function (group) {
+      var data = JSON.parse(group.getAttribute("data-charts"));
+      group.querySelectorAll("canvas[data-chart]").forEach(function (canvas) {
+        if (window.Chart.getChart(canvas)) return;
+        var width = canvas.parentElement ? canvas.parentElement.clientWidth : 400;
+        var config = chartConfig(canvas.getAttribute("data-chart"), data, width);
+        if (config) charts.push(new window.Chart(canvas, config));
+      });
+    });
+  }
+
+  var dateTimeFormat = new Intl.DateTimeFormat(undefined, {
+    year: "numeric",
+    month: "short",
+    day: "2-digit",
+    hour: "2-digit",
+    minute: "2-digit",
+    second: "2-digit",
+  });
+  var timeFormat = new Intl.DateTimeFormat(undefined, {
+    hour: "2-digit",
+    minute: "2-digit",
+    second: "2-digit",
+    fractionalSecondDigits: 3,
+  });
+
+  var shortDateFormat = new Intl.DateTimeFormat(undefined, {
+    month: "short",
+    day: "numeric",
+    hour: "2-digit",
+    minute: "2-digit",
+    second: "2-digit",
+  });
+  var clockFormat = new Intl.DateTimeFormat(undefined, {
+    hour: "2-digit",
+    minute: "2-digit",
+    second: "2-digit",
+  });
+
+  function formatLocal(when, style) {
+    if (style === "time") return timeFormat.format(when);
+    if (style === "short") {
+      var today = new Date().toDateString() === when.toDateString();
+      return (today ? clockFormat : shortDateFormat).format(when);
+    }
+    return dateTimeFormat.format(when);
+  }
+
+  // Times are rendered in UTC on the server; show them in the viewer's zone, UTC on hover.
+  function localTimes(root) {
+    if (!root.querySelectorAll) return;
+    root.querySelectorAll("time[data-local]").forEach(function (el) {
+      var when = new Date(el.getAttribute("datetime"));
+      if (isNaN(when.getTime())) return;
+      el.title = el.textContent;
+      el.textContent = formatLocal(when, el.getAttribute("data-local"));
+      el.removeAttribute("data-local");
+    });
+  }
+
+  function enhance(root) {
+    localTimes(root);
+    initCharts(root);
+  }
+
+  // Whole table rows open their trace; real links and modified clicks keep their behaviour.
+  document.addEventListener("click", function (event) {
+    if (event.defaultPrevented || event.button !== 0) return;
+    if (event.metaKey || event.ctrlKey || event.shiftKey || event.altKey) return;
+    var target = event.target;
+    if (!(target instanceof Element) || target.closest("a, button, input, select, label")) return;
+    var row = target.closest("tr[data-href]");
+    if (row) window.location.assign(row.getAttribute("data-href"));
+  });
+
+  if (window.htmx) {
+    document.documentElement.classList.add("htmx-on");
+    document.addEventListener("htmx:load", function (event) {
+      enhance(event.target);
+    });
+    document.addEventListener("htmx:historyRestore", function () {
+      enhance(document.body);
+    });
+  }
+
+  if (document.readyState === "loading") {
+    document.addEventListener("DOMContentLoaded", function () {
+      enhance(document.body);
+    });
+  } else {
+    enhance(document.body);
+  }
+})();

@@ -1,0 +1,391 @@
+"""The web UI in a real browser: Debian's Chromium driven by Playwright against a real server.
+
+One real chat call goes through the gateway first, so the dashboard, the traces explorer and
+the trace detail have a real trace (from the real local model) to show. Screenshots of each
+page are written to ``test-artifacts/``.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import httpx
+import pytest
+from playwright.sync_api import Browser, ConsoleMessage, Page, expect, sync_playwright
+
+from flywheel.security import ApiKeyStore
+from flywheel.store import Database
+
+CHROMIUM = Path("/usr/bin/chromium")
+REPO = Path(__file__).resolve().parent.parent
+ARTIFACTS = REPO / "test-artifacts"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+pytestmark = pytest.mark.skipif(
+    not CHROMIUM.exists(),
+    reason="Debian's Chromium is not installed at /usr/bin/chromium (`make browser` installs it)",
+)
+
+
+class Server(Protocol):
+    base_url: str
+    admin_key: str
+    home: Path
+
+
+@dataclass
+class ChatTrace:
+    trace_id: str
+    user_text: str
+    answer: str
+
+
+@dataclass
+class BrowserProblems:
+    """JavaScript errors and Content-Security-Policy refusals seen by a page."""
+
+    items: list[str] = field(default_factory=list)
+
+    def console(self, message: ConsoleMessage) -> None:
+        if message.type == "error" and "Content Security Policy" in message.text:
+            self.items.append(f"CSP: {message.text}")
+
+    def page_error(self, error: Exception) -> None:
+        self.items.append(f"JS error: {error}")
+
+
+def wait_for_trace(server: Server, trace_id: str, spans: int = 1) -> None:
+    """Return once the background writer has stored ``spans`` spans of the trace."""
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        stored = httpx.get(
+            f"{server.base_url}/api/traces/{trace_id}",
+            headers={"Authorization": f"Bearer {server.admin_key}"},
+            timeout=10,
+        )
+        if stored.status_code == 200 and len(stored.json()["spans"]) >= spans:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"trace {trace_id} was not stored within 15 s")
+
+
+def post_spans(server: Server, spans: list[dict[str, object]]) -> None:
+    """Send spans the way the SDK does."""
+    posted = httpx.post(
+        f"{server.base_url}/api/spans",
+        headers={"Authorization": f"Bearer {server.admin_key}"},
+        json={"spans": spans},
+        timeout=10,
+    )
+    assert posted.status_code == 202, posted.text
+
+
+@pytest.fixture(scope="module")
+def chat_trace(server: Server) -> ChatTrace:
+    """One real chat completion through the gateway, once its trace is stored."""
+    user_text = f"Browser test {secrets.token_hex(4)}: please say hello."
+    response = httpx.post(
+        f"{server.base_url}/v1/chat/completions",
+        headers={"Authorization": f"Bearer {server.admin_key}"},
+        json={
+            "model": "default",
+            "messages": [{"role": "user", "content": user_text}],
+            "max_tokens": 8,
+        },
+        timeout=300,
+    )
+    assert response.status_code == 200, response.text
+    trace_id = response.headers["x-flywheel-trace-id"]
+    wait_for_trace(server, trace_id)
+    return ChatTrace(trace_id, user_text, response.json()["choices"][0]["message"]["content"])
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(
+            executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True
+        )
+        yield launched
+        launched.close()
+
+
+@pytest.fixture
+def problems() -> BrowserProblems:
+    return BrowserProblems()
+
+
+@pytest.fixture
+def page(browser: Browser, problems: BrowserProblems) -> Iterator[Page]:
+    """A fresh browser context (no cookies) at 1280 px wide; fails the test on JS errors."""
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    context.set_default_timeout(15_000)
+    tab = context.new_page()
+    tab.on("console", problems.console)
+    tab.on("pageerror", problems.page_error)
+    yield tab
+    context.close()
+    assert not problems.items, "\n".join(problems.items)
+
+
+def log_in(page: Page, server: Server, path: str = "/") -> None:
+    page.goto(f"{server.base_url}{path}")
+    expect(page).to_have_url(re.compile(r"/login"))
+    page.fill("input[name=api_key]", server.admin_key)
+    page.click("form[action='/login'] button[type=submit]")
+    expect(page).to_have_url(f"{server.base_url}{path}")
+
+
+def screenshot(page: Page, name: str) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / name), full_page=True)
+
+
+def test_login_wrong_key_then_admin_key_then_logout(page: Page, server: Server) -> None:
+    page.goto(f"{server.base_url}/")
+    expect(page).to_have_url(f"{server.base_url}/login")
+    expect(page.locator("form input[name=api_key]")).to_be_visible()
+
+    page.fill("input[name=api_key]", "fw-not-a-real-key")
+    with page.expect_response(
+        lambda r: r.url.endswith("/login") and r.request.method == "POST"
+    ) as posted:
+        page.click("form[action='/login'] button[type=submit]")
+    assert posted.value.status == 401
+    expect(page.locator("#login-error")).to_contain_text("not valid")
+    assert not page.context.cookies(), "a wrong key must not start a session"
+    screenshot(page, "ui-login-error.png")
+
+    page.fill("input[name=api_key]", server.admin_key)
+    page.click("form[action='/login'] button[type=submit]")
+    expect(page).to_have_url(f"{server.base_url}/")
+    expect(page.locator("h1")).to_have_text("Dashboard")
+
+    (cookie,) = page.context.cookies()
+    assert cookie["httpOnly"] is True
+    assert cookie["sameSite"] == "Lax"
+    assert server.admin_key not in cookie["value"]
+    assert 11 * 3600 < cookie["expires"] - time.time() <= 12 * 3600 + 60
+
+    page.click("text=Log out")
+    expect(page).to_have_url(f"{server.base_url}/login")
+    page.goto(f"{server.base_url}/traces?status=ok")
+    expect(page).to_have_url(f"{server.base_url}/login?next=%2Ftraces%3Fstatus%3Dok")
+
+    # The login form returns to the page that was asked for.
+    page.fill("input[name=api_key]", server.admin_key)
+    page.click("form[action='/login'] button[type=submit]")
+    expect(page).to_have_url(f"{server.base_url}/traces?status=ok")
+
+
+def test_dashboard_charts_and_window_switch(
+    page: Page, server: Server, chat_trace: ChatTrace
+) -> None:
+    log_in(page, server)
+    assert page.evaluate("typeof window.Chart") == "function", "Chart.js was not loaded"
+    assert page.evaluate("typeof window.htmx") == "object", "htmx was not loaded"
+
+    nav = page.locator("nav.nav")
+    expect(nav.locator(".nav-stage")).to_contain_text(["Serve", "Observe"])
+    expect(nav.locator("a")).to_have_text(["Routes & models", "Dashboard", "Traces"])
+
+    requests = int(page.locator("[data-kpi=requests]").inner_text().replace(",", ""))
+    assert requests >= 1
+    charts = page.locator("canvas[data-chart]")
+    expect(charts).to_have_count(5)
+    # A function, not an expression: Playwright evaluates bare expressions with eval(),
+    # which the UI's Content-Security-Policy forbids.
+    rendered = (
+        "() => Array.from(document.querySelectorAll('canvas[data-chart]'))"
+        ".every(c => Chart.getChart(c) !== undefined && c.width > 0)"
+    )
+    page.wait_for_function(rendered)
+    screenshot(page, "ui-dashboard.png")
+
+    # The window selector swaps the panel in place (no reload) and updates the URL.
+    page.evaluate("window.__sameDocument = true")
+    page.click("fieldset.segmented label:has-text('24 h')")
+    expect(page).to_have_url(f"{server.base_url}/?window=24h")
+    expect(page.locator(".panel-meta")).to_contain_text("24 hours")
+    assert page.evaluate("window.__sameDocument === true"), "the page reloaded"
+    expect(charts).to_have_count(5)
+    page.wait_for_function(rendered)  # charts are drawn once htmx settles the new panel
+
+
+def test_traces_explorer_and_detail(page: Page, server: Server, chat_trace: ChatTrace) -> None:
+    log_in(page, server, "/traces")
+    row = page.locator(f"tr[data-trace-id='{chat_trace.trace_id}']")
+    expect(row).to_have_count(1)
+    expect(row).to_contain_text("default")
+    expect(row).to_contain_text("smollm2-135m-instruct")
+    expect(row).to_contain_text("ok")
+    screenshot(page, "ui-traces.png")
+
+    # Filters apply through HTMX: same document, tidy URL, table updated.
+    page.evaluate("window.__sameDocument = true")
+    page.select_option("select[name=status]", "error")
+    expect(page).to_have_url(f"{server.base_url}/traces?status=error")
+    expect(row).to_have_count(0)
+    page.select_option("select[name=status]", "ok")
+    page.select_option("select[name=route]", "default")
+    expect(page).to_have_url(f"{server.base_url}/traces?route=default&status=ok")
+    expect(row).to_have_count(1)
+    page.select_option("select[name=window]", "1h")
+    expect(page).to_have_url(f"{server.base_url}/traces?route=default&status=ok&window=1h")
+    expect(row).to_have_count(1)
+    assert page.evaluate("window.__sameDocument === true"), "the page reloaded"
+
+    row.locator("a.trace-link").click()
+    expect(page).to_have_url(f"{server.base_url}/traces/{chat_trace.trace_id}")
+    expect(page.locator(".span-tree .span-row")).to_have_count(1)
+    card = page.locator(".span-card").first
+    expect(card.locator(".message.role-user .message-text")).to_have_text(chat_trace.user_text)
+    expect(card.locator(".message.role-assistant .message-text")).to_have_text(chat_trace.answer)
+    expect(card.locator(".params")).to_contain_text("max_tokens")
+    expect(card.locator(".attempts tbody tr")).to_have_count(1)
+    expect(card.locator(".attempts")).to_contain_text("smollm2-135m-instruct")
+    expect(card.locator(".facts")).to_contain_text("Tokens")
+    screenshot(page, "ui-trace-detail.png")
+
+    missing = page.goto(f"{server.base_url}/traces/{'0' * 32}")
+    assert missing is not None and missing.status == 404
+    expect(page.locator("h1")).to_have_text("Trace not found")
+
+
+def test_trace_detail_lists_retries_and_fallbacks(page: Page, server: Server) -> None:
+    auth = {"Authorization": f"Bearer {server.admin_key}"}
+    routes = httpx.get(f"{server.base_url}/api/routes", headers=auth, timeout=10).json()["data"]
+    route = next((r for r in routes if r["name"] == "fallback-500"), None)
+    if route is None:
+        pytest.skip("the test server has no 'fallback-500' route (see tests/conftest.py)")
+    response = httpx.post(
+        f"{server.base_url}/v1/chat/completions",
+        headers=auth,
+        json={"model": "fallback-500", "messages": [{"role": "user", "content": "fall back"}]},
+        timeout=60,
+    )
+    assert response.status_code == 200, response.text
+    trace_id = response.headers["x-flywheel-trace-id"]
+    wait_for_trace(server, trace_id)
+
+    log_in(page, server, f"/traces/{trace_id}")
+    attempts = page.locator(".attempts tbody tr")
+    failed = route["retry"]["attempts"] + 1
+    expect(attempts).to_have_count(failed + 1)
+    for i in range(failed):
+        expect(attempts.nth(i)).to_contain_text(route["targets"][0]["model"])
+        expect(attempts.nth(i)).to_contain_text("HTTP 500")
+    expect(attempts.nth(failed)).to_contain_text(route["fallbacks"][0])
+    expect(attempts.nth(failed)).to_contain_text("answered")
+    expect(page.locator(".facts")).to_contain_text(route["fallbacks"][0])
+    screenshot(page, "ui-trace-fallback.png")
+
+
+def test_sdk_span_tree_is_nested_and_escaped(page: Page, server: Server) -> None:
+    trace_id = secrets.token_hex(16)
+    root, child, grandchild = (secrets.token_hex(8) for _ in range(3))
+    start = time.time() - 3 * 86400  # in the past, so newest-first lists elsewhere are unchanged
+    hostile = "<script>window.__owned = true</script><b>not bold</b>"
+    spans = [
+        {"trace_id": trace_id, "span_id": root, "name": "answer question",
+         "start_time": start, "end_time": start + 1.0, "input": {"question": hostile},
+         "attributes": {"user": "<i>ada</i>"}},
+        {"trace_id": trace_id, "span_id": child, "parent_id": root, "name": "retrieve",
+         "start_time": start + 0.1, "end_time": start + 0.4, "output": ["doc-1", "doc-2"]},
+        {"trace_id": trace_id, "span_id": grandchild, "parent_id": child, "name": "rerank",
+         "start_time": start + 0.2, "end_time": start + 0.3, "status": "error",
+         "error": "RuntimeError: <boom>"},
+    ]  # fmt: skip
+    post_spans(server, spans)
+    wait_for_trace(server, trace_id, spans=3)
+
+    log_in(page, server, f"/traces/{trace_id}")
+    rows = page.locator(".span-tree .span-row .span-label")
+    expect(rows).to_have_count(3)
+    assert [rows.nth(i).get_attribute("data-depth") for i in range(3)] == ["0", "1", "2"]
+    expect(rows).to_contain_text(["answer question", "retrieve", "rerank"])
+    expect(page.locator(f"#span-{grandchild}")).to_contain_text("RuntimeError: <boom>")
+    expect(page.locator(f"#span-{root} pre.code")).to_contain_text(hostile)
+    expect(page.locator(f"#span-{root} .params")).to_contain_text("<i>ada</i>")
+    assert page.evaluate("() => window.__owned === undefined")
+    assert page.locator(f"#span-{root} b").count() == 0
+
+
+def test_load_more_pages_with_the_cursor(page: Page, server: Server) -> None:
+    start = time.time() - 4 * 86400
+    spans = [
+        {
+            "trace_id": secrets.token_hex(16),
+            "span_id": secrets.token_hex(8),
+            "name": f"batch job {i}",
+            "start_time": start + i,
+            "end_time": start + i + 0.01,
+        }
+        for i in range(55)
+    ]
+    post_spans(server, spans)
+    wanted = {str(s["trace_id"]) for s in spans}
+    wait_for_trace(server, str(spans[-1]["trace_id"]))  # one batch: the last means all
+
+    log_in(page, server, "/traces")
+    rows = page.locator("tr[data-trace-id]")
+    expect(rows).to_have_count(50)
+    page.evaluate("window.__sameDocument = true")
+    while page.locator("#load-more").count():
+        before = rows.count()
+        page.click("#load-more a")
+        expect(rows).not_to_have_count(before)
+    seen = [rows.nth(i).get_attribute("data-trace-id") or "" for i in range(rows.count())]
+    assert len(seen) == len(set(seen)), "a trace was listed twice"
+    assert wanted <= set(seen)
+    assert page.evaluate("() => window.__sameDocument === true"), "the page reloaded"
+    assert page.url == f"{server.base_url}/traces", "Load more must not change the URL"
+
+
+def test_revoked_key_ends_the_session(page: Page, server: Server) -> None:
+    database = server.home / "flywheel.db"
+    if not database.is_file():
+        pytest.skip("the test server does not use the default SQLite database in its home")
+    store = ApiKeyStore(Database(f"sqlite:///{database}"))
+    raw, record = store.create("browser test viewer")
+    page.goto(f"{server.base_url}/routes")
+    page.fill("input[name=api_key]", raw)
+    page.click("form[action='/login'] button[type=submit]")
+    expect(page).to_have_url(f"{server.base_url}/routes")
+    expect(page.locator(".whoami-name")).to_have_text("browser test viewer")
+
+    page.goto(f"{server.base_url}/traces")
+    assert store.revoke(record.id)
+
+    # A filter change on the open page (an HTMX request) leads to the login page.
+    page.select_option("select[name=status]", "ok")
+    expect(page).to_have_url(f"{server.base_url}/login?next=%2Ftraces")
+    assert page.context.cookies() == []
+    page.goto(f"{server.base_url}/routes")
+    expect(page).to_have_url(f"{server.base_url}/login?next=%2Froutes")
+
+
+def test_routes_page_lists_routes_and_catalog(page: Page, server: Server) -> None:
+    log_in(page, server, "/routes")
+    default = page.locator("tr[data-route='default']")
+    expect(default).to_have_count(1)
+    expect(default).to_contain_text("smollm2-135m-instruct")
+    local = page.locator("tr[data-model='smollm2-135m-instruct']")
+    expect(local).to_contain_text("local")
+    expect(local).to_contain_text("Ready")
+    screenshot(page, "ui-routes.png")
