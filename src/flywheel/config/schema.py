@@ -127,7 +127,9 @@ class FlywheelConfig(_Strict):
             refs: list[tuple[tuple[str | int, ...], str]] = [
                 (("routes", i, "targets", j, "model"), t.model) for j, t in enumerate(route.targets)
             ]
-            refs += [(("routes", i, "fallbacks", j), name) for j, name in enumerate(route.fallbacks)]
+            refs += [
+                (("routes", i, "fallbacks", j), name) for j, name in enumerate(route.fallbacks)
+            ]
             for loc, name in refs:
                 if name not in model_names:
                     errors.append((loc, f"unknown model '{name}'"))

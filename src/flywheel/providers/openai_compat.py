@@ -98,13 +98,17 @@ class OpenAICompatibleProvider:
             raise ProviderError("protocol", f"{self.name}: response is not a JSON object")
         return payload
 
-    async def chat(self, model: CatalogModel, body: dict[str, Any], timeout: float) -> dict[str, Any]:
+    async def chat(
+        self, model: CatalogModel, body: dict[str, Any], timeout: float
+    ) -> dict[str, Any]:
         payload = await self._post_json("/chat/completions", body, timeout)
         if not isinstance(payload.get("choices"), list):
             raise ProviderError("protocol", f"{self.name}: response has no choices")
         return payload
 
-    async def embed(self, model: CatalogModel, body: dict[str, Any], timeout: float) -> dict[str, Any]:
+    async def embed(
+        self, model: CatalogModel, body: dict[str, Any], timeout: float
+    ) -> dict[str, Any]:
         payload = await self._post_json("/embeddings", body, timeout)
         if not isinstance(payload.get("data"), list):
             raise ProviderError("protocol", f"{self.name}: response has no data")

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import logging
 import queue
-import re
 import random
+import re
 import threading
 import time
 from typing import Any
