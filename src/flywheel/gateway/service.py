@@ -22,6 +22,7 @@ from flywheel.tracing import TraceWriter, new_span_id, new_trace_id
 
 log = logging.getLogger("flywheel.gateway")
 T = TypeVar("T")
+UnaryCall = Callable[[CatalogModel, dict[str, Any], float], Awaitable[dict[str, Any]]]
 
 
 @dataclass
@@ -143,6 +144,27 @@ class Gateway:
         assert last is not None
         raise from_provider_error(last, last_model)
 
+    async def _unary(
+        self,
+        call: _Call,
+        kind: str,
+        request: ChatCompletionRequest | EmbeddingRequest,
+        method: Callable[[Provider], UnaryCall],
+    ) -> dict[str, Any]:
+        """One JSON-in, JSON-out call through the route; a failure is traced, then raised."""
+        route = self._resolve(call, kind)
+
+        async def attempt(provider: Provider, step: Step) -> dict[str, Any]:
+            body = request.upstream_body(step.model.wire_name)
+            async with asyncio.timeout(step.timeout):
+                return await method(provider)(step.model, body, step.timeout)
+
+        try:
+            return await self._run(call, route, attempt)
+        except GatewayError as exc:
+            self._record(call, error=exc)
+            raise
+
     @staticmethod
     def _attempt(step: Step, started: float, error: ProviderError | None) -> dict[str, Any]:
         return {
@@ -163,18 +185,7 @@ class Gateway:
     async def chat(self, request: ChatCompletionRequest, ctx: CallContext) -> dict[str, Any]:
         """A non-streamed completion."""
         call = _Call(ctx, "gateway.chat", request.model, False, self._chat_input(request))
-        route = self._resolve(call, "chat")
-
-        async def attempt(provider: Provider, step: Step) -> dict[str, Any]:
-            body = request.upstream_body(step.model.wire_name)
-            async with asyncio.timeout(step.timeout):
-                return await provider.chat(step.model, body, step.timeout)
-
-        try:
-            response = await self._run(call, route, attempt)
-        except GatewayError as exc:
-            self._record(call, error=exc)
-            raise
+        response = await self._unary(call, "chat", request, lambda p: p.chat)
         usage = response.get("usage") or {}
         output = None
         if self.capture_content:
@@ -297,18 +308,7 @@ class Gateway:
     async def embeddings(self, request: EmbeddingRequest, ctx: CallContext) -> dict[str, Any]:
         captured = {"input": request.input} if self.capture_content else None
         call = _Call(ctx, "gateway.embeddings", request.model, False, captured)
-        route = self._resolve(call, "embedding")
-
-        async def attempt(provider: Provider, step: Step) -> dict[str, Any]:
-            body = request.upstream_body(step.model.wire_name)
-            async with asyncio.timeout(step.timeout):
-                return await provider.embed(step.model, body, step.timeout)
-
-        try:
-            response = await self._run(call, route, attempt)
-        except GatewayError as exc:
-            self._record(call, error=exc)
-            raise
+        response = await self._unary(call, "embedding", request, lambda p: p.embed)
         if request.encoding_format == "base64":
             for item in response["data"]:
                 if isinstance(item.get("embedding"), list):

@@ -81,7 +81,10 @@ class OpenAICompatibleProvider:
                 retry_after=parse_retry_after(response.headers.get("Retry-After")),
             )
 
-    async def _post_json(self, path: str, body: dict[str, Any], timeout: float) -> dict[str, Any]:
+    async def _post_json(
+        self, path: str, body: dict[str, Any], timeout: float, list_key: str
+    ) -> dict[str, Any]:
+        """POST JSON; the answer must be an object holding a ``list_key`` list."""
         try:
             async with self._client().post(
                 f"{self.base_url}{path}", json=body, timeout=self._timeout(timeout, False)
@@ -94,25 +97,19 @@ class OpenAICompatibleProvider:
             payload = json.loads(raw)
         except ValueError as exc:
             raise ProviderError("protocol", f"{self.name}: response is not JSON") from exc
-        if not isinstance(payload, dict):
-            raise ProviderError("protocol", f"{self.name}: response is not a JSON object")
+        if not isinstance(payload, dict) or not isinstance(payload.get(list_key), list):
+            raise ProviderError("protocol", f"{self.name}: response has no '{list_key}' list")
         return payload
 
     async def chat(
         self, model: CatalogModel, body: dict[str, Any], timeout: float
     ) -> dict[str, Any]:
-        payload = await self._post_json("/chat/completions", body, timeout)
-        if not isinstance(payload.get("choices"), list):
-            raise ProviderError("protocol", f"{self.name}: response has no choices")
-        return payload
+        return await self._post_json("/chat/completions", body, timeout, "choices")
 
     async def embed(
         self, model: CatalogModel, body: dict[str, Any], timeout: float
     ) -> dict[str, Any]:
-        payload = await self._post_json("/embeddings", body, timeout)
-        if not isinstance(payload.get("data"), list):
-            raise ProviderError("protocol", f"{self.name}: response has no data")
-        return payload
+        return await self._post_json("/embeddings", body, timeout, "data")
 
     async def stream_chat(
         self, model: CatalogModel, body: dict[str, Any], timeout: float
