@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import importlib.util
 import logging
+import os
 import threading
 import time
 import uuid
@@ -27,6 +28,15 @@ T = TypeVar("T")
 
 DEFAULT_MAX_TOKENS = 512
 _UNSUPPORTED = ("tools", "functions", "tool_choice", "logprobs", "response_format")
+
+
+def _offline_and_quiet() -> None:
+    """No hub access at run time, and no per-tensor progress bars in the server log."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
 
 def resolve_embedder_source(spec: str) -> Path:
@@ -105,6 +115,7 @@ class LocalProvider:
             if not model.source:
                 raise ProviderError("protocol", f"local model '{model.name}' has no source")
             started = time.perf_counter()
+            _offline_and_quiet()
             if model.kind == "chat":
                 from flywheel.providers.local_model import LocalChatModel, materialize_model
 
