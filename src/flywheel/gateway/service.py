@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from flywheel.config import CatalogModel, FlywheelConfig, RouteConfig
-from flywheel.gateway.errors import GatewayError, error_body, from_provider_error
+from flywheel.gateway.errors import GatewayError, from_provider_error
 from flywheel.gateway.routing import RouteTable, Step
 from flywheel.gateway.schemas import ChatCompletionRequest, EmbeddingRequest
 from flywheel.providers import InvalidRequest, Provider, ProviderError, ProviderRegistry
@@ -367,4 +367,4 @@ class Gateway:
         )
 
 
-__all__ = ["CallContext", "Gateway", "GatewayError", "error_body", "sse"]
+__all__ = ["CallContext", "Gateway", "sse"]
