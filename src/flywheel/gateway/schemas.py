@@ -6,6 +6,7 @@ list them); known fields are type-checked strictly, so ``"temperature": "hot"`` 
 
 from __future__ import annotations
 
+from functools import cached_property
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -41,11 +42,14 @@ class ChatCompletionRequest(_OpenAIBody):
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     user: str | None = None
 
+    @cached_property
+    def params(self) -> dict[str, Any]:
+        """Everything but ``model``, as received: dumped once per request (hot path)."""
+        return self.model_dump(exclude_none=True, exclude={"model"})
+
     def upstream_body(self, model_name: str) -> dict[str, Any]:
         """The body to send a target: as received, with the target's own model name."""
-        body = self.model_dump(exclude_none=True, exclude={"model"})
-        body["model"] = model_name
-        return body
+        return {**self.params, "model": model_name}
 
     @field_validator("stop")
     @classmethod

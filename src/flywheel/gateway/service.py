@@ -180,7 +180,7 @@ class Gateway:
     def _chat_input(self, request: ChatCompletionRequest) -> Any:
         if not self.capture_content:
             return None
-        return request.model_dump(exclude_none=True, exclude={"model"})
+        return request.params
 
     async def chat(self, request: ChatCompletionRequest, ctx: CallContext) -> dict[str, Any]:
         """A non-streamed completion."""

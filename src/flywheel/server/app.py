@@ -16,6 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from flywheel import __version__
 from flywheel.config import Settings, get_settings
 from flywheel.gateway import GatewayError, error_body
+from flywheel.server.http import validation_error
 from flywheel.server.routers import api, openai
 from flywheel.server.services import Services
 from flywheel.ui import routes as ui
@@ -81,12 +82,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return JSONResponse(exc.body(), status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
-    async def invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
-        loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path")]
-        param = ".".join(loc) or None
-        message = f"Invalid value for '{param}': {first['msg']}" if param else str(first["msg"])
-        return JSONResponse(error_body(message, param=param, code="invalid_value"), status_code=400)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return await gateway_error(request, validation_error(exc.errors()))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Sequence
 from typing import Any, TypeVar
 
 from fastapi import Request
@@ -21,16 +22,20 @@ def services(request: Request) -> Services:
     return svc
 
 
-def validation_error(exc: ValidationError) -> GatewayError:
-    """The first validation problem as a 400 naming the parameter."""
-    first = exc.errors()[0]
-    param = ".".join(str(p) for p in first["loc"]) or None
+def validation_error(errors: Sequence[Any]) -> GatewayError:
+    """The first validation problem (pydantic or FastAPI) as a 400 naming the parameter."""
+    if not errors:
+        return GatewayError(400, "Invalid request.", code="invalid_value")
+    first = errors[0]
+    # FastAPI prefixes where the value came from; callers know that already.
+    loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path")]
+    param = ".".join(loc) or None
     message = first["msg"]
     return GatewayError(
         400,
         f"Invalid value for '{param}': {message}" if param else message,
         param=param,
-        code="invalid_value" if first["type"] != "missing" else "missing_required_parameter",
+        code="missing_required_parameter" if first.get("type") == "missing" else "invalid_value",
     )
 
 
@@ -60,7 +65,7 @@ async def read_json(request: Request, model: type[M]) -> M:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise validation_error(exc) from None
+        raise validation_error(exc.errors()) from None
 
 
 async def require_key(request: Request) -> AuthenticatedKey:
