@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import secrets
 from dataclasses import dataclass, field
@@ -26,6 +27,14 @@ def session_secret(home: Path) -> str:
         path.touch(mode=0o600)
         path.write_text(secrets.token_urlsafe(48))
     return path.read_text().strip()
+
+
+def _settle_heap() -> None:
+    """Move everything alive now (modules, torch, loaded models) out of the garbage
+    collector's reach. Otherwise each full collection walks those ~300k long-lived objects
+    and stalls every in-flight request for about 100 ms (seen as the gateway's p99)."""
+    gc.collect()
+    gc.freeze()
 
 
 @dataclass
@@ -77,8 +86,13 @@ class Services:
         )
 
     def start_background(self) -> None:
+        _settle_heap()
         if self.settings.preload_models:
-            self._preload = asyncio.create_task(self.providers.preload())
+            self._preload = asyncio.create_task(self._preload_models())
+
+    async def _preload_models(self) -> None:
+        await self.providers.preload()
+        _settle_heap()
 
     async def close(self) -> None:
         """Stop accepting model work, then flush every trace to the database."""
