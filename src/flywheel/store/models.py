@@ -4,7 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, Float, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -12,8 +22,54 @@ class Base(DeclarativeBase):
     pass
 
 
+DEFAULT_PROJECT_ID = "default"
+
+
+class Project(Base):
+    """A workspace: every resource belongs to exactly one, and nothing crosses over."""
+
+    __tablename__ = "projects"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    description: Mapped[str] = mapped_column(Text, default="")
+    limits: Mapped[Any] = mapped_column(JSON, nullable=True)
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+class User(Base):
+    """A person who logs in to the UI; ``is_admin`` administers the whole instance."""
+
+    __tablename__ = "users"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    username: Mapped[str] = mapped_column(String(100), unique=True)
+    password_hash: Mapped[str] = mapped_column(String(255))
+    is_admin: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[float] = mapped_column(Float)
+    disabled_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class RoleBinding(Base):
+    """A user's role in one project: admin, developer, reviewer or viewer."""
+
+    __tablename__ = "role_bindings"
+    __table_args__ = (UniqueConstraint("project_id", "user_id", name="uq_role_project_user"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    project_id: Mapped[str] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"))
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    role: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[float] = mapped_column(Float)
+
+
 class ApiKey(Base):
-    """An API key; only its SHA-256 is stored (keys are random, so a slow hash adds nothing)."""
+    """An API key; only its SHA-256 is stored (keys are random, so a slow hash adds nothing).
+
+    A key acts in one project with a role, narrowed by its scope; a key without a project is
+    an instance admin key (the bootstrap key). ``allowed_models`` lists the routes and models
+    it may call (None: all); ``limits`` caps its traffic and spend.
+    """
 
     __tablename__ = "api_keys"
 
@@ -24,6 +80,74 @@ class ApiKey(Base):
     role: Mapped[str] = mapped_column(String(32), default="admin")
     created_at: Mapped[float] = mapped_column(Float)
     revoked_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    project_id: Mapped[str | None] = mapped_column(
+        ForeignKey("projects.id", ondelete="CASCADE"), nullable=True, index=True
+    )
+    user_id: Mapped[str | None] = mapped_column(
+        ForeignKey("users.id", ondelete="SET NULL"), nullable=True
+    )
+    scope: Mapped[str] = mapped_column(String(16), default="admin")
+    expires_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    allowed_models: Mapped[Any] = mapped_column(JSON, nullable=True)
+    limits: Mapped[Any] = mapped_column(JSON, nullable=True)
+
+
+class StoredSecret(Base):
+    """A secret (e.g. a provider key), encrypted with the master key; never returned."""
+
+    __tablename__ = "secrets"
+    __table_args__ = (UniqueConstraint("project_id", "name", name="uq_secrets_project_name"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    project_id: Mapped[str] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(128))
+    ciphertext: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[float] = mapped_column(Float)
+    updated_at: Mapped[float] = mapped_column(Float)
+    created_by: Mapped[str | None] = mapped_column(String(200), nullable=True)
+
+
+class AuditEvent(Base):
+    """One entry of the append-only audit log. ``hash`` covers the entry and ``prev_hash``,
+    so editing, deleting or reordering any entry breaks the chain from there on."""
+
+    __tablename__ = "audit_events"
+
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    ts: Mapped[float] = mapped_column(Float, index=True)
+    actor: Mapped[str] = mapped_column(String(200))
+    action: Mapped[str] = mapped_column(String(64), index=True)
+    resource_type: Mapped[str] = mapped_column(String(64))
+    resource_id: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    project_id: Mapped[str | None] = mapped_column(String(32), nullable=True, index=True)
+    before: Mapped[Any] = mapped_column(JSON, nullable=True)
+    after: Mapped[Any] = mapped_column(JSON, nullable=True)
+    # Unique: two writers that read the same tail cannot both extend it (no forked chain).
+    prev_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    hash: Mapped[str] = mapped_column(String(64), unique=True)
+
+
+class ApprovalRequest(Base):
+    """A request to move a label (e.g. ``production``) onto a prompt or model version."""
+
+    __tablename__ = "approval_requests"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    project_id: Mapped[str] = mapped_column(
+        ForeignKey("projects.id", ondelete="CASCADE"), index=True
+    )
+    resource_type: Mapped[str] = mapped_column(String(32))
+    resource_name: Mapped[str] = mapped_column(String(200))
+    resource_version: Mapped[str] = mapped_column(String(64))
+    label: Mapped[str] = mapped_column(String(64))
+    author: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    requested_by: Mapped[str] = mapped_column(String(200))
+    status: Mapped[str] = mapped_column(String(16), default="pending", index=True)
+    gate: Mapped[Any] = mapped_column(JSON, nullable=True)
+    comment: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[float] = mapped_column(Float)
+    decided_by: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    decided_at: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
 class SpanRecord(Base):
@@ -38,6 +162,7 @@ class SpanRecord(Base):
         UniqueConstraint("trace_id", "span_id", name="uq_spans_trace_span"),
         Index("ix_spans_root_start", "parent_id", "start_time"),
         Index("ix_spans_route_start", "route", "start_time"),
+        Index("ix_spans_project_start", "project_id", "start_time"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
@@ -66,3 +191,4 @@ class SpanRecord(Base):
     attempts: Mapped[Any] = mapped_column(JSON, nullable=True)
     attributes: Mapped[Any] = mapped_column(JSON, nullable=True)
     api_key_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    project_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
