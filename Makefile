@@ -29,10 +29,12 @@ assets: $(VENDOR)
 
 install: $(STAMP) assets
 
-# Debian's Chromium for the browser test (Playwright drives it; it downloads no browser).
+# Debian's Chromium for the browser test (Playwright drives it; it downloads no browser) and
+# Redis for the shared-limits tests (each test run starts its own server on loopback).
 browser:
-	@command -v chromium >/dev/null 2>&1 || { apt-get update -qq && \
-		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; }
+	@command -v chromium >/dev/null 2>&1 && command -v redis-server >/dev/null 2>&1 || { \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+		--no-install-recommends chromium redis-server; }
 
 up: install
 	$(BIN)/flywheel up

@@ -44,6 +44,12 @@ models:
   - {{name: up-garbage, provider: up, upstream_name: garbage}}
   - {{name: up-flaky, provider: up, upstream_name: flaky-2}}
   - {{name: up-embed, provider: up, kind: embedding, upstream_name: echo}}
+  - {{name: up-blocked, provider: up, upstream_name: echo, status: blocked}}
+  - {{name: up-experimental, provider: up, upstream_name: echo, status: experimental}}
+  - name: up-pricey
+    provider: up
+    upstream_name: echo
+    pricing: {{input_per_mtok: 10000.0, output_per_mtok: 10000.0}}
 routes:
   - name: default
     targets: [{{model: smollm2-135m-instruct}}]
@@ -82,6 +88,11 @@ routes:
     retry: {{attempts: 2, backoff_initial: 0.01}}
   - name: balanced
     targets: [{{model: up-echo, weight: 3}}, {{model: up-echo-b, weight: 1}}]
+  - name: pricey
+    targets: [{{model: up-pricey}}]
+  - name: production-echo
+    production: true
+    targets: [{{model: up-echo}}]
 """
 
 

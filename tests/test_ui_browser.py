@@ -143,11 +143,18 @@ def page(browser: Browser, problems: BrowserProblems) -> Iterator[Page]:
     assert not problems.items, "\n".join(problems.items)
 
 
+def submit_key(page: Page, key: str) -> None:
+    """Fill and send the login page's API-key form (folded under a disclosure)."""
+    if not page.locator("#key-login input[name=api_key]").is_visible():
+        page.click("text=Log in with an API key")
+    page.fill("#key-login input[name=api_key]", key)
+    page.click("#key-login button[type=submit]")
+
+
 def log_in(page: Page, server: Server, path: str = "/") -> None:
     page.goto(f"{server.base_url}{path}")
     expect(page).to_have_url(re.compile(r"/login"))
-    page.fill("input[name=api_key]", server.admin_key)
-    page.click("form[action='/login'] button[type=submit]")
+    submit_key(page, server.admin_key)
     expect(page).to_have_url(f"{server.base_url}{path}")
 
 
@@ -159,20 +166,18 @@ def screenshot(page: Page, name: str) -> None:
 def test_login_wrong_key_then_admin_key_then_logout(page: Page, server: Server) -> None:
     page.goto(f"{server.base_url}/")
     expect(page).to_have_url(f"{server.base_url}/login")
-    expect(page.locator("form input[name=api_key]")).to_be_visible()
+    expect(page.locator("#password-login input[name=username]")).to_be_visible()
 
-    page.fill("input[name=api_key]", "fw-not-a-real-key")
     with page.expect_response(
         lambda r: r.url.endswith("/login") and r.request.method == "POST"
     ) as posted:
-        page.click("form[action='/login'] button[type=submit]")
+        submit_key(page, "fw-not-a-real-key")
     assert posted.value.status == 401
     expect(page.locator("#login-error")).to_contain_text("not valid")
     assert not page.context.cookies(), "a wrong key must not start a session"
     screenshot(page, "ui-login-error.png")
 
-    page.fill("input[name=api_key]", server.admin_key)
-    page.click("form[action='/login'] button[type=submit]")
+    submit_key(page, server.admin_key)
     expect(page).to_have_url(f"{server.base_url}/")
     expect(page.locator("h1")).to_have_text("Dashboard")
 
@@ -188,8 +193,7 @@ def test_login_wrong_key_then_admin_key_then_logout(page: Page, server: Server) 
     expect(page).to_have_url(f"{server.base_url}/login?next=%2Ftraces%3Fstatus%3Dok")
 
     # The login form returns to the page that was asked for.
-    page.fill("input[name=api_key]", server.admin_key)
-    page.click("form[action='/login'] button[type=submit]")
+    submit_key(page, server.admin_key)
     expect(page).to_have_url(f"{server.base_url}/traces?status=ok")
 
 
@@ -201,8 +205,10 @@ def test_dashboard_charts_and_window_switch(
     assert page.evaluate("typeof window.htmx") == "object", "htmx was not loaded"
 
     nav = page.locator("nav.nav")
-    expect(nav.locator(".nav-stage")).to_contain_text(["Serve", "Observe"])
-    expect(nav.locator("a")).to_have_text(["Routes & models", "Dashboard", "Traces"])
+    expect(nav.locator(".nav-stage")).to_contain_text(["Serve", "Observe", "Govern"])
+    expect(nav.locator("a")).to_have_text(
+        ["Routes & models", "Dashboard", "Traces", "Costs", "Access", "Audit log"]
+    )
 
     requests = int(page.locator("[data-kpi=requests]").inner_text().replace(",", ""))
     assert requests >= 1
@@ -364,8 +370,7 @@ def test_revoked_key_ends_the_session(page: Page, server: Server) -> None:
     store = ApiKeyStore(Database(f"sqlite:///{database}"))
     raw, record = store.create("browser test viewer")
     page.goto(f"{server.base_url}/routes")
-    page.fill("input[name=api_key]", raw)
-    page.click("form[action='/login'] button[type=submit]")
+    submit_key(page, raw)
     expect(page).to_have_url(f"{server.base_url}/routes")
     expect(page.locator(".whoami-name")).to_have_text("browser test viewer")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from datetime import datetime
 from pathlib import Path
@@ -17,8 +18,14 @@ from flywheel import __version__
 app = typer.Typer(help="Flywheel: self-hosted LLMOps.", no_args_is_help=True, add_completion=False)
 keys_app = typer.Typer(help="API keys (works on the local database directly).")
 config_app = typer.Typer(help="The flywheel.yaml config file.")
+projects_app = typer.Typer(help="Projects (works on the local database directly).")
+users_app = typer.Typer(help="Users and their project roles (local database).")
+audit_app = typer.Typer(help="The hash-chained audit log (local database).")
 app.add_typer(keys_app, name="keys")
 app.add_typer(config_app, name="config")
+app.add_typer(projects_app, name="projects")
+app.add_typer(users_app, name="users")
+app.add_typer(audit_app, name="audit")
 
 console = Console()
 err = Console(stderr=True)
@@ -209,19 +216,73 @@ def routes(url: UrlOption = DEFAULT_URL, api_key: KeyOption = None) -> None:
     console.print(table)
 
 
+def _local_access() -> Any:
+    """The access service over the local database (the operator's own machine)."""
+    from flywheel.config import get_settings
+    from flywheel.security import AccessService, ApiKeyStore
+    from flywheel.security.audit import AuditLog
+    from flywheel.store import Database
+
+    db = Database(get_settings().resolved_database_url)
+    db.migrate()
+    keys = ApiKeyStore(db)
+    return AccessService(db, keys, AuditLog(db))
+
+
+def _operator() -> str:
+    import getpass
+
+    return f"cli:{getpass.getuser()}"
+
+
+def _access_call(function: Any, *args: Any, **kwargs: Any) -> Any:
+    from flywheel.security import AccessError
+
+    try:
+        return function(*args, **kwargs)
+    except AccessError as exc:
+        raise _fail(exc.message) from None
+
+
 @keys_app.command("create")
 def keys_create(
     name: Annotated[str, typer.Option(help="A label for the key.")] = "cli",
+    project: Annotated[
+        str | None, typer.Option(help="Project; omit for an instance-wide admin key.")
+    ] = None,
+    role: Annotated[str, typer.Option(help="viewer, reviewer, developer or admin.")] = "admin",
+    scope: Annotated[str, typer.Option(help="gateway, feedback, read or admin.")] = "admin",
+    allow: Annotated[
+        list[str] | None, typer.Option(help="A route or model the key may call (repeat).")
+    ] = None,
+    expires_days: Annotated[float | None, typer.Option(help="Expire after N days.")] = None,
 ) -> None:
-    """Create an admin API key in the local database and print it once."""
-    from flywheel.config import get_settings
-    from flywheel.security import ApiKeyStore
-    from flywheel.store import Database
+    """Create an API key in the local database and print it once."""
+    from flywheel.security.rbac import ALL_PERMISSIONS, Principal
 
-    settings = get_settings()
-    db = Database(settings.resolved_database_url)
-    db.migrate()
-    raw, record = ApiKeyStore(db).create(name)
+    access = _local_access()
+    if project is None:
+        raw, record = access.keys.create(name)
+    else:
+        operator = Principal(
+            kind="user",
+            id="cli",
+            name=_operator().removeprefix("cli:"),
+            project_id=project,
+            role="admin",
+            permissions=ALL_PERMISSIONS,
+            instance_admin=True,
+        )
+        _access_call(access.get_project, project)
+        raw, record = _access_call(
+            access.create_key,
+            operator,
+            name,
+            role=role,
+            scope=scope,
+            allowed_models=list(allow) if allow else None,
+            expires_at=time.time() + expires_days * 86400 if expires_days else None,
+        )
     console.print(
         f"Created key [bold]{record.name}[/] ({record.id}). Store it now; it is not shown again:"
     )
@@ -238,18 +299,102 @@ def keys_list() -> None:
     db = Database(get_settings().resolved_database_url)
     db.migrate()
     table = Table(title="API keys", header_style="bold")
-    for column in ("id", "name", "prefix", "role", "created", "revoked"):
+    for column in ("id", "name", "prefix", "project", "role", "scope", "created", "revoked"):
         table.add_column(column)
     for key in ApiKeyStore(db).list():
         table.add_row(
             key.id,
             key.name,
             key.prefix + "…",
+            key.project_id or "(instance)",
             key.role,
+            key.scope,
             _when(key.created_at),
             _when(key.revoked_at) if key.revoked_at else "",
         )
     console.print(table)
+
+
+@projects_app.command("list")
+def projects_list() -> None:
+    """List projects."""
+    from flywheel.security.rbac import ALL_PERMISSIONS, Principal
+
+    access = _local_access()
+    everyone = Principal("user", "cli", "cli", "default", "admin", ALL_PERMISSIONS, True)
+    table = Table(title="Projects", header_style="bold")
+    for column in ("name", "description", "limits", "created"):
+        table.add_column(column)
+    for project in access.list_projects(everyone):
+        limits = ", ".join(f"{k}={v}" for k, v in (project.limits or {}).items())
+        table.add_row(project.name, project.description, limits, _when(project.created_at))
+    console.print(table)
+
+
+@projects_app.command("create")
+def projects_create(
+    name: Annotated[str, typer.Argument(help="Lowercase letters, digits, '-' and '_'.")],
+    description: Annotated[str, typer.Option(help="What the project is for.")] = "",
+) -> None:
+    """Create a project."""
+    access = _local_access()
+    _access_call(access.create_project, name, _operator(), description)
+    console.print(f"Created project [bold]{name}[/].")
+
+
+@users_app.command("create")
+def users_create(
+    username: Annotated[str, typer.Argument(help="The login name.")],
+    admin: Annotated[bool, typer.Option("--admin", help="Instance admin.")] = False,
+    password: Annotated[
+        str | None,
+        typer.Option(envvar="FLYWHEEL_NEW_PASSWORD", help="Asked for when omitted."),
+    ] = None,
+) -> None:
+    """Create a user who logs in to the UI with a password."""
+    access = _local_access()
+    if password is None:
+        password = typer.prompt("Password", hide_input=True, confirmation_prompt=True)
+    user = _access_call(access.create_user, username, password, _operator(), admin)
+    console.print(f"Created user [bold]{user.username}[/] ({user.id}).")
+
+
+@users_app.command("grant")
+def users_grant(
+    username: Annotated[str, typer.Argument(help="User name or id.")],
+    project: Annotated[str, typer.Argument(help="Project name.")],
+    role: Annotated[str, typer.Argument(help="viewer, reviewer, developer or admin.")],
+) -> None:
+    """Give a user a role in a project (or change it)."""
+    access = _local_access()
+    user = _access_call(access.find_user, username)
+    _access_call(access.set_member, project, user.id, role, _operator())
+    console.print(f"[bold]{user.username}[/] is now {role} in project [bold]{project}[/].")
+
+
+@audit_app.command("verify")
+def audit_verify() -> None:
+    """Recompute the audit log's hash chain; exit 1 and name the first bad entry if broken."""
+    result = _local_access().audit.verify()
+    if not result.ok:
+        raise _fail(f"audit log is NOT intact ({result.checked} entries checked): {result.problem}")
+    console.print(f"audit log intact: {result.checked} entries, every hash matches")
+
+
+@audit_app.command("export")
+def audit_export(
+    format: Annotated[str, typer.Option("--format", help="jsonl or csv.")] = "jsonl",
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="File; default stdout.")
+    ] = None,
+) -> None:
+    """Write the audit log (oldest first, with hashes) as JSON lines or CSV."""
+    if format not in ("jsonl", "csv"):
+        raise _fail("--format must be jsonl or csv")
+    lines = _local_access().audit.export(format)
+    with output.open("w", encoding="utf-8") if output else sys.stdout as out:
+        for line in lines:
+            out.write(line if line.endswith("\n") else line + "\n")
 
 
 @config_app.command("check")

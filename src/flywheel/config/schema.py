@@ -27,6 +27,10 @@ class ProviderConfig(_Strict):
         default=None, description="Environment variable holding the key."
     )
     api_key: SecretStr | None = Field(default=None, description="Inline key (prefer api_key_env).")
+    api_key_secret: str | None = Field(
+        default=None,
+        description="Name of a stored secret (default project) holding the key, encrypted at rest.",
+    )
     headers: dict[str, str] = Field(default_factory=dict)
 
     @model_validator(mode="after")
@@ -100,6 +104,9 @@ class RouteConfig(_Strict):
     fallback_on: list[FallbackTrigger] = Field(default_factory=lambda: list(FALLBACK_ON))
     retry: RetryPolicy = Field(default_factory=RetryPolicy)
     timeout: float = Field(default=120.0, gt=0, description="Per-target timeout in seconds.")
+    production: bool = Field(
+        default=False, description="Production routes may only target approved models."
+    )
 
 
 class FlywheelConfig(_Strict):
@@ -130,7 +137,18 @@ class FlywheelConfig(_Strict):
             refs += [
                 (("routes", i, "fallbacks", j), name) for j, name in enumerate(route.fallbacks)
             ]
+            statuses = {m.name: m.status for m in self.models}
             for loc, name in refs:
                 if name not in model_names:
                     errors.append((loc, f"unknown model '{name}'"))
+                elif statuses[name] == "blocked":
+                    errors.append((loc, f"model '{name}' is blocked in the catalog"))
+                elif route.production and statuses[name] != "approved":
+                    errors.append(
+                        (
+                            loc,
+                            f"production route '{route.name}' may only target approved models; "
+                            f"'{name}' is {statuses[name]}",
+                        )
+                    )
         return errors

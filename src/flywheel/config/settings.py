@@ -41,6 +41,15 @@ class Settings(BaseSettings):
     admin_key: SecretStr | None = Field(
         default=None, description="Bootstrap admin API key; generated and printed once when unset."
     )
+    master_key: SecretStr | None = Field(
+        default=None,
+        description="Master key encrypting stored secrets (urlsafe base64 of 32 bytes); "
+        "default: <home>/master.key, created on first start with mode 0600.",
+    )
+    redis_url: str | None = Field(
+        default=None,
+        description="Redis URL: limits and budgets are shared by every replica through it.",
+    )
     capture: CaptureMode = Field(
         default="full",
         description="'full' stores messages and responses in traces; 'metadata' omits them.",

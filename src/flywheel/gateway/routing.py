@@ -38,6 +38,14 @@ class RouteTable:
                     param="model",
                     code="model_not_found",
                 )
+            if model.status == "blocked":
+                raise GatewayError(
+                    403,
+                    f"The model '{name}' is blocked in the model catalog; ask an admin to "
+                    "approve it or use an approved model.",
+                    param="model",
+                    code="model_blocked",
+                )
             route = RouteConfig(name=name, targets=[RouteTarget(model=name)])
         first = self.models[route.targets[0].model]
         if first.kind != kind:

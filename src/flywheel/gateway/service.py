@@ -6,6 +6,7 @@ import asyncio
 import base64
 import json
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ import numpy as np
 
 from flywheel.config import CatalogModel, FlywheelConfig, RouteConfig
 from flywheel.gateway.errors import GatewayError, from_provider_error
+from flywheel.gateway.limits import BudgetAlert, Limiter, LimitExceeded, Reservation, Subject
 from flywheel.gateway.routing import RouteTable, Step
 from flywheel.gateway.schemas import ChatCompletionRequest, EmbeddingRequest
 from flywheel.providers import InvalidRequest, Provider, ProviderError, ProviderRegistry
@@ -23,13 +25,20 @@ from flywheel.tracing import TraceWriter, new_span_id, new_trace_id
 log = logging.getLogger("flywheel.gateway")
 T = TypeVar("T")
 UnaryCall = Callable[[CatalogModel, dict[str, Any], float], Awaitable[dict[str, Any]]]
+AlertHandler = Callable[[BudgetAlert], Awaitable[None]]
+# Reserved against budgets and tpm when a request sets no max_tokens and its model no context
+# length: reservations must bound what a call can cost (docs: "Budgets and limits").
+DEFAULT_MAX_OUTPUT_TOKENS = 4096
 
 
 @dataclass
 class CallContext:
-    """Who called and which trace the call belongs to."""
+    """Who called, from which project, what they may call, and which trace the call joins."""
 
     api_key_id: str | None = None
+    project_id: str | None = None
+    allowed_models: tuple[str, ...] | None = None
+    limit_subjects: tuple[Subject, ...] = ()
     trace_id: str = field(default_factory=new_trace_id)
     parent_id: str | None = None
     span_id: str = field(default_factory=new_span_id)
@@ -49,6 +58,7 @@ class _Call:
     attempts: list[dict[str, Any]] = field(default_factory=list)
     model: CatalogModel | None = None
     ttft_ms: float | None = None
+    reservation: Reservation | None = None
 
 
 def _has_content(chunk: dict[str, Any]) -> bool:
@@ -74,12 +84,16 @@ class Gateway:
         writer: TraceWriter,
         capture: str = "full",
         routes: RouteTable | None = None,
+        limiter: Limiter | None = None,
+        on_budget_alert: AlertHandler | None = None,
     ) -> None:
         self.config = config
         self.providers = providers
         self.writer = writer
         self.capture_content = capture == "full"
         self.routes = routes or RouteTable(config)
+        self.limiter = limiter
+        self.on_budget_alert = on_budget_alert
 
     # -- discovery -------------------------------------------------------------------------
 
@@ -98,10 +112,96 @@ class Gateway:
 
     def _resolve(self, call: _Call, kind: str) -> RouteConfig:
         try:
+            allowed = call.ctx.allowed_models
+            if allowed is not None and call.route not in allowed:
+                raise GatewayError(
+                    403,
+                    f"This API key may not call '{call.route}'; it may call: "
+                    f"{', '.join(allowed) or 'nothing'}.",
+                    param="model",
+                    code="model_not_allowed",
+                    type="permission_error",
+                )
             return self.routes.resolve(call.route, kind)
         except GatewayError as exc:
             self._record(call, error=exc)
             raise
+
+    # -- limits and budgets ----------------------------------------------------------------
+
+    def _route_models(self, route: RouteConfig) -> list[CatalogModel]:
+        names = [t.model for t in route.targets] + list(route.fallbacks)
+        return [self.routes.models[name] for name in names]
+
+    def _estimate(
+        self, route: RouteConfig, request: ChatCompletionRequest | EmbeddingRequest
+    ) -> tuple[int, float]:
+        """An upper bound of the call's tokens and cost, reserved until it settles: UTF-8
+        bytes bound the prompt's tokens, and the output is bounded by ``max_tokens`` (else
+        the model's context length), priced at the dearest model the route may use."""
+        models = self._route_models(route)
+        if isinstance(request, EmbeddingRequest):
+            prompt = len(json.dumps(request.input).encode())
+            completion = 0
+        else:
+            messages = request.params.get("messages")
+            prompt = len(json.dumps(messages, ensure_ascii=False).encode()) + 8 * len(
+                request.messages
+            )
+            completion = request.max_completion_tokens or request.max_tokens or 0
+            if not completion:
+                completion = max(m.context_length or DEFAULT_MAX_OUTPUT_TOKENS for m in models)
+        cost = max(m.pricing.cost(prompt, completion) for m in models)
+        return prompt + completion, cost
+
+    async def _admit(
+        self,
+        call: _Call,
+        route: RouteConfig,
+        request: ChatCompletionRequest | EmbeddingRequest,
+    ) -> None:
+        """Reserve against the caller's limits and budgets; a refusal is traced, then a 429."""
+        if self.limiter is None or not call.ctx.limit_subjects:
+            return
+        tokens, cost = self._estimate(route, request)
+        try:
+            call.reservation = await self.limiter.acquire(call.ctx.limit_subjects, tokens, cost)
+        except LimitExceeded as exc:
+            headers = (
+                {"Retry-After": str(max(1, math.ceil(exc.retry_after)))}
+                if exc.retry_after is not None
+                else {}
+            )
+            error = GatewayError(
+                429,
+                exc.message,
+                code="insufficient_quota" if exc.kind == "budget" else "rate_limit_exceeded",
+                headers=headers,
+            )
+            self._record(call, error=error)
+            raise error from None
+
+    async def _settle(self, call: _Call, usage: dict[str, Any] | None) -> None:
+        """Replace the reservation with what the call used (nothing, if it failed)."""
+        reservation, call.reservation = call.reservation, None
+        if reservation is None or self.limiter is None:
+            return
+        try:
+            if usage is None:
+                await self.limiter.release(reservation)
+                return
+            tokens = int(usage.get("total_tokens") or 0) or int(
+                (usage.get("prompt_tokens") or 0) + (usage.get("completion_tokens") or 0)
+            )
+            alerts = await self.limiter.settle(reservation, tokens, self._cost(call, usage) or 0.0)
+        except Exception:
+            # Accounting must never fail a call that already succeeded.
+            log.exception("could not settle limits for trace %s", call.ctx.trace_id)
+            return
+        for alert in alerts:
+            log.warning("budget alert: %s", alert.message)
+            if self.on_budget_alert is not None:
+                await self.on_budget_alert(alert)
 
     # -- the retry / fallback loop ---------------------------------------------------------
 
@@ -151,8 +251,10 @@ class Gateway:
         request: ChatCompletionRequest | EmbeddingRequest,
         method: Callable[[Provider], UnaryCall],
     ) -> dict[str, Any]:
-        """One JSON-in, JSON-out call through the route; a failure is traced, then raised."""
+        """One JSON-in, JSON-out call through the route, within the caller's limits; a failure
+        is traced, then raised."""
         route = self._resolve(call, kind)
+        await self._admit(call, route, request)
 
         async def attempt(provider: Provider, step: Step) -> dict[str, Any]:
             body = request.upstream_body(step.model.wire_name)
@@ -160,10 +262,16 @@ class Gateway:
                 return await method(provider)(step.model, body, step.timeout)
 
         try:
-            return await self._run(call, route, attempt)
+            response = await self._run(call, route, attempt)
         except GatewayError as exc:
+            await self._settle(call, None)
             self._record(call, error=exc)
             raise
+        except BaseException:
+            await self._settle(call, None)
+            raise
+        await self._settle(call, response.get("usage") or {})
+        return response
 
     @staticmethod
     def _attempt(step: Step, started: float, error: ProviderError | None) -> dict[str, Any]:
@@ -206,6 +314,7 @@ class Gateway:
         the first token ends the stream with an OpenAI-style error event."""
         call = _Call(ctx, "gateway.chat", request.model, True, self._chat_input(request))
         route = self._resolve(call, "chat")
+        await self._admit(call, route, request)
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
 
         async def attempt(
@@ -229,7 +338,11 @@ class Gateway:
         try:
             chunks, buffered = await self._run(call, route, attempt)
         except GatewayError as exc:
+            await self._settle(call, None)
             self._record(call, error=exc)
+            raise
+        except BaseException:
+            await self._settle(call, None)
             raise
         call.ttft_ms = (time.perf_counter() - call.perf_start) * 1000
         return self._relay(call, chunks, buffered, include_usage)
@@ -291,6 +404,8 @@ class Gateway:
             raise
         finally:
             await chunks.aclose()  # type: ignore[attr-defined]
+            # A stream that produced tokens is charged for them, even when cut or cancelled.
+            await self._settle(call, usage if usage or text else None)
             output = None
             if self.capture_content:
                 output = {
@@ -319,6 +434,13 @@ class Gateway:
 
     # -- tracing ---------------------------------------------------------------------------
 
+    @staticmethod
+    def _cost(call: _Call, usage: dict[str, Any]) -> float | None:
+        """Dollars for ``usage`` at the answering model's catalog price."""
+        if call.model is None or not usage:
+            return None
+        return call.model.pricing.cost(usage.get("prompt_tokens"), usage.get("completion_tokens"))
+
     def _record(
         self,
         call: _Call,
@@ -335,7 +457,7 @@ class Gateway:
         if total is None and (prompt is not None or completion is not None):
             total = (prompt or 0) + (completion or 0)
         model = call.model
-        cost = model.pricing.cost(prompt, completion) if model is not None and usage else None
+        cost = self._cost(call, usage)
         end = time.time()
         self.writer.record(
             {
@@ -363,6 +485,7 @@ class Gateway:
                 "cost": cost,
                 "attempts": call.attempts,
                 "api_key_id": call.ctx.api_key_id,
+                "project_id": call.ctx.project_id,
             }
         )
 

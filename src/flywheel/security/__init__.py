@@ -1,5 +1,16 @@
-"""Security: API keys (hashed at rest) and session signing for the UI."""
+"""Security: API keys, projects, users and roles, secrets and the audit log."""
 
+from flywheel.security.access import AccessError, AccessService
 from flywheel.security.keys import ApiKeyStore, AuthenticatedKey, generate_key, hash_key
+from flywheel.security.rbac import Permission, Principal
 
-__all__ = ["ApiKeyStore", "AuthenticatedKey", "generate_key", "hash_key"]
+__all__ = [
+    "AccessError",
+    "AccessService",
+    "ApiKeyStore",
+    "AuthenticatedKey",
+    "Permission",
+    "Principal",
+    "generate_key",
+    "hash_key",
+]

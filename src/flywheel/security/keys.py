@@ -7,11 +7,14 @@ import secrets
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
-from flywheel.store import ApiKey, Database
+from flywheel.security.rbac import ROLE_RANK, ROLES
+from flywheel.store import ApiKey, Database, RoleBinding, User
 
 KEY_PREFIX = "fw-"
 
@@ -27,16 +30,84 @@ def hash_key(raw: str) -> str:
 
 @dataclass(frozen=True)
 class AuthenticatedKey:
-    """Who is calling: the key's id, name and role."""
+    """A verified key: who it is, where it acts (``project_id`` None: instance-wide), with
+    what role and scope, until when, and what it may call."""
 
     id: str
     name: str
     role: str
+    project_id: str | None = None
+    scope: str = "admin"
+    expires_at: float | None = None
+    allowed_models: tuple[str, ...] | None = None
+    limits: dict[str, Any] | None = field(default=None, hash=False, compare=False)
+    user_id: str | None = None
+
+    @property
+    def instance_admin(self) -> bool:
+        return self.project_id is None and self.role == "admin" and self.scope == "admin"
+
+    def expired(self, now: float | None = None) -> bool:
+        return self.expires_at is not None and (now or time.time()) >= self.expires_at
+
+
+def key_to_dict(record: ApiKey) -> dict[str, Any]:
+    """A key's metadata for the API and UI: never the key or its hash."""
+    return {
+        "id": record.id,
+        "name": record.name,
+        "prefix": record.prefix,
+        "project_id": record.project_id,
+        "role": record.role,
+        "scope": record.scope,
+        "user_id": record.user_id,
+        "created_at": record.created_at,
+        "expires_at": record.expires_at,
+        "revoked_at": record.revoked_at,
+        "allowed_models": record.allowed_models,
+        "limits": record.limits,
+    }
+
+
+def _effective(session: Session, record: ApiKey) -> AuthenticatedKey | None:
+    """The key as it may act now: a key owned by a user never outranks that user's current
+    role in the project, and dies with the user's access."""
+    if record.revoked_at is not None:
+        return None
+    role = record.role
+    if record.user_id is not None:
+        user = session.get(User, record.user_id)
+        if user is None or user.disabled_at is not None:
+            return None
+        if not user.is_admin:
+            binding = session.scalars(
+                select(RoleBinding).where(
+                    RoleBinding.user_id == record.user_id,
+                    RoleBinding.project_id == record.project_id,
+                )
+            ).first()
+            if binding is None:
+                return None
+            if ROLE_RANK.get(binding.role, -1) < ROLE_RANK.get(role, 99):
+                role = binding.role
+    allowed = record.allowed_models
+    return AuthenticatedKey(
+        id=record.id,
+        name=record.name,
+        role=role,
+        project_id=record.project_id,
+        scope=record.scope,
+        expires_at=record.expires_at,
+        allowed_models=tuple(allowed) if allowed is not None else None,
+        limits=record.limits,
+        user_id=record.user_id,
+    )
 
 
 class ApiKeyStore:
     """Creates and verifies keys. Verified keys are cached for ``cache_seconds`` so the hot
-    path of the gateway does not read the database on every request."""
+    path of the gateway does not read the database on every request; revoking a key (or any
+    change to access) clears the cache in this process."""
 
     def __init__(self, db: Database, cache_seconds: float = 30.0) -> None:
         self.db = db
@@ -44,8 +115,22 @@ class ApiKeyStore:
         self._cache: dict[str, tuple[float, AuthenticatedKey | None]] = {}
         self._lock = threading.Lock()
 
-    def create(self, name: str, role: str = "admin", raw: str | None = None) -> tuple[str, ApiKey]:
-        """Store a new key and return ``(raw key, record)``; the raw key is never stored."""
+    def new_record(
+        self,
+        name: str,
+        *,
+        role: str = "admin",
+        raw: str | None = None,
+        project_id: str | None = None,
+        scope: str = "admin",
+        expires_at: float | None = None,
+        allowed_models: list[str] | None = None,
+        limits: dict[str, Any] | None = None,
+        user_id: str | None = None,
+    ) -> tuple[str, ApiKey]:
+        """A new ``(raw key, unsaved record)``; the raw key is never stored."""
+        if role not in ROLES:
+            raise ValueError(f"unknown role '{role}'")
         raw = raw or generate_key()
         record = ApiKey(
             id=uuid.uuid4().hex,
@@ -54,7 +139,18 @@ class ApiKeyStore:
             key_hash=hash_key(raw),
             role=role,
             created_at=time.time(),
+            project_id=project_id,
+            scope=scope,
+            expires_at=expires_at,
+            allowed_models=allowed_models,
+            limits=limits,
+            user_id=user_id,
         )
+        return raw, record
+
+    def create(self, name: str, role: str = "admin", raw: str | None = None) -> tuple[str, ApiKey]:
+        """Store a new instance-wide key (no project) and return ``(raw key, record)``."""
+        raw, record = self.new_record(name, role=role, raw=raw)
         with self.db.session() as session:
             session.add(record)
         return raw, record
@@ -79,51 +175,58 @@ class ApiKeyStore:
         raw, _ = self.create("admin", "admin")
         return raw
 
+    def forget_cached(self) -> None:
+        """Drop every cached verification (after a revocation or a role change)."""
+        with self._lock:
+            self._cache.clear()
+
     def revoke(self, key_id: str) -> bool:
         with self.db.session() as session:
             record = session.get(ApiKey, key_id)
             if record is None or record.revoked_at is not None:
                 return False
             record.revoked_at = time.time()
-        with self._lock:
-            self._cache.clear()
+        self.forget_cached()
         return True
 
-    def list(self) -> list[ApiKey]:
+    def list(self, project_id: str | None = None) -> list[ApiKey]:
+        """Keys, oldest first; only one project's when ``project_id`` is given."""
+        query = select(ApiKey).order_by(ApiKey.created_at)
+        if project_id is not None:
+            query = query.where(ApiKey.project_id == project_id)
         with self.db.session() as session:
-            return list(session.scalars(select(ApiKey).order_by(ApiKey.created_at)))
+            return list(session.scalars(query))
 
     def get_active(self, key_id: str) -> AuthenticatedKey | None:
-        """An unrevoked key by id (UI sessions hold the id, never the key)."""
+        """An unrevoked, unexpired key by id (UI sessions hold the id, never the key)."""
         with self.db.session() as session:
             record = session.get(ApiKey, key_id)
-            if record is None or record.revoked_at is not None:
-                return None
-            return AuthenticatedKey(record.id, record.name, record.role)
+            found = _effective(session, record) if record is not None else None
+        return None if found is None or found.expired() else found
 
     def cached(self, raw: str) -> AuthenticatedKey | None:
         """The key's identity if it was verified recently; None means "ask :meth:`verify`"."""
         with self._lock:
             hit = self._cache.get(hash_key(raw))
-        return hit[1] if hit is not None and hit[0] > time.monotonic() else None
+        if hit is None or hit[0] <= time.monotonic():
+            return None
+        key = hit[1]
+        return None if key is None or key.expired() else key
 
     def verify(self, raw: str) -> AuthenticatedKey | None:
-        """The key's identity, or None for an unknown or revoked key."""
+        """The key's identity, or None for an unknown, revoked or expired key."""
         digest = hash_key(raw)
         now = time.monotonic()
         with self._lock:
             cached = self._cache.get(digest)
         if cached is not None and cached[0] > now:
-            return cached[1]
-        with self.db.session() as session:
-            record = session.scalars(select(ApiKey).where(ApiKey.key_hash == digest)).first()
-            found = (
-                AuthenticatedKey(record.id, record.name, record.role)
-                if record is not None and record.revoked_at is None
-                else None
-            )
-        with self._lock:
-            if len(self._cache) > 10_000:
-                self._cache.clear()
-            self._cache[digest] = (now + self.cache_seconds, found)
-        return found
+            found = cached[1]
+        else:
+            with self.db.session() as session:
+                record = session.scalars(select(ApiKey).where(ApiKey.key_hash == digest)).first()
+                found = _effective(session, record) if record is not None else None
+            with self._lock:
+                if len(self._cache) > 10_000:
+                    self._cache.clear()
+                self._cache[digest] = (now + self.cache_seconds, found)
+        return None if found is None or found.expired() else found

@@ -16,9 +16,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from flywheel import __version__
 from flywheel.config import Settings, get_settings
 from flywheel.gateway import GatewayError, error_body
+from flywheel.security.secrets import install_redactor
 from flywheel.server.http import validation_error
-from flywheel.server.routers import api, openai
+from flywheel.server.routers import access, api, openai
 from flywheel.server.services import Services
+from flywheel.ui import govern
 from flywheel.ui import routes as ui
 
 log = logging.getLogger("flywheel.server")
@@ -42,6 +44,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # Secret values the server learns are masked in every log line from here on.
+        for name in (None, "uvicorn", "uvicorn.error", "uvicorn.access"):
+            install_redactor(logging.getLogger(name) if name else None)
         svc = Services.build(settings)
         if svc.new_admin_key:
             _announce_admin_key(svc.new_admin_key)
@@ -64,7 +69,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.include_router(openai.router)
     app.include_router(api.router)
+    app.include_router(access.router)
     ui.install(app)
+    app.include_router(govern.router)
 
     @app.get("/healthz", tags=["ops"])
     def healthz() -> dict[str, str]:

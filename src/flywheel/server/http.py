@@ -11,7 +11,9 @@ from fastapi import Request
 from pydantic import BaseModel, ValidationError
 
 from flywheel.gateway import GatewayError
-from flywheel.security import AuthenticatedKey
+from flywheel.gateway.limits import Limits, Subject
+from flywheel.security import AccessError, AuthenticatedKey, Permission, Principal
+from flywheel.server.policy import required_permission
 from flywheel.server.services import Services
 
 M = TypeVar("M", bound=BaseModel)
@@ -68,25 +70,100 @@ async def read_json(request: Request, model: type[M]) -> M:
         raise validation_error(exc.errors()) from None
 
 
-async def require_key(request: Request) -> AuthenticatedKey:
-    """The caller's API key from ``Authorization: Bearer …``; 401 otherwise."""
+PROJECT_HEADER = "x-flywheel-project"
+
+
+def access_error(exc: AccessError) -> GatewayError:
+    """An access refusal in the OpenAI error shape."""
+    kind = {401: "authentication_error", 403: "permission_error"}.get(
+        exc.status_code, "invalid_request_error"
+    )
+    return GatewayError(exc.status_code, exc.message, param=exc.param, code=exc.code, type=kind)
+
+
+async def authenticate(request: Request) -> Principal:
+    """The caller from ``Authorization: Bearer …``, acting in its project (an instance key
+    may pick one with ``X-Flywheel-Project``); 401 otherwise."""
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
         raise GatewayError(
             401,
             "You didn't provide an API key. Send it as 'Authorization: Bearer YOUR_KEY'.",
             code="missing_api_key",
             type="authentication_error",
         )
-    keys = services(request).keys
+    svc = services(request)
     # Verified keys are cached in memory; only a cache miss reads the database.
-    key = keys.cached(token.strip())
+    key = svc.keys.cached(token)
     if key is None:
-        key = await asyncio.to_thread(keys.verify, token.strip())
+        key = await asyncio.to_thread(svc.keys.verify, token)
     if key is None:
         raise GatewayError(
-            401, "Incorrect API key provided.", code="invalid_api_key", type="authentication_error"
+            401,
+            "Incorrect API key provided, or it has expired or been revoked.",
+            code="invalid_api_key",
+            type="authentication_error",
         )
-    request.state.api_key = key
-    return key
+    requested = request.headers.get(PROJECT_HEADER)
+    if key.project_id is None and requested:
+        # Checking a named project may read the database; keep that off the event loop.
+        return await asyncio.to_thread(_principal, svc, key, requested)
+    return _principal(svc, key, requested)
+
+
+def _principal(svc: Services, key: AuthenticatedKey, requested: str | None) -> Principal:
+    try:
+        return svc.access.principal_for_key(key, requested)
+    except AccessError as exc:
+        raise access_error(exc) from None
+
+
+def forbidden(principal: Principal, permission: Permission) -> GatewayError:
+    who = (
+        f"role '{principal.role}'"
+        if principal.kind == "user"
+        else (f"a key with role '{principal.role}' and scope '{principal.scope}'")
+    )
+    return GatewayError(
+        403,
+        f"Permission '{permission}' is needed here; {who} in project "
+        f"'{principal.project_id}' does not have it.",
+        code="permission_denied",
+        type="permission_error",
+    )
+
+
+async def authorize(request: Request) -> Principal:
+    """Router dependency: authenticate, then check the route's policy (deny by default)."""
+    route = request.scope.get("route")
+    permission = required_permission(request.method, getattr(route, "path", ""))
+    if permission is None:
+        raise GatewayError(
+            403, "This route has no access policy.", code="no_policy", type="permission_error"
+        )
+    principal = await authenticate(request)
+    if not principal.can(permission):
+        raise forbidden(principal, permission)
+    request.state.principal = principal
+    return principal
+
+
+async def limit_subjects(svc: Services, caller: Principal) -> tuple[Subject, ...]:
+    """The limits a gateway call must fit: the key's own, then its project's."""
+    subjects: list[Subject] = []
+    if caller.limits and caller.key_id:
+        subjects.append(Subject("key", caller.key_id, Limits(**caller.limits)))
+    cached, project_limits = svc.access.cached_project_limits(caller.project_id)
+    if not cached:
+        project_limits = await asyncio.to_thread(svc.access.project_limits, caller.project_id)
+    if project_limits:
+        subjects.append(Subject("project", caller.project_id, Limits(**project_limits)))
+    return tuple(subjects)
+
+
+def principal(request: Request) -> Principal:
+    """The principal :func:`authorize` stored on the request."""
+    found: Principal = request.state.principal
+    return found

@@ -9,11 +9,17 @@ import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pydantic import SecretStr
+
 from flywheel.config import FlywheelConfig, Settings, load_config
 from flywheel.gateway import Gateway
+from flywheel.gateway.limits import BudgetAlert, Limiter, Subject, make_limiter
 from flywheel.providers import ProviderRegistry
-from flywheel.security import ApiKeyStore
-from flywheel.store import Database
+from flywheel.security import AccessService, ApiKeyStore
+from flywheel.security.audit import AuditLog
+from flywheel.security.secrets import SecretBox, SecretStore, load_master_key
+from flywheel.security.throttle import LoginThrottle
+from flywheel.store import DEFAULT_PROJECT_ID, Database
 from flywheel.tracing import TraceQueries, TraceWriter
 
 log = logging.getLogger("flywheel.server")
@@ -27,6 +33,28 @@ def session_secret(home: Path) -> str:
         path.touch(mode=0o600)
         path.write_text(secrets.token_urlsafe(48))
     return path.read_text().strip()
+
+
+def _with_stored_provider_keys(config: FlywheelConfig, store: SecretStore) -> FlywheelConfig:
+    """Providers naming ``api_key_secret`` get the decrypted key from the secret store (the
+    default project's secrets). A missing secret is logged, not fatal: the server must start
+    so that an admin can store it."""
+    providers = dict(config.providers)
+    for name, provider in config.providers.items():
+        if provider.api_key_secret:
+            try:
+                key = store.reveal(DEFAULT_PROJECT_ID, provider.api_key_secret)
+            except KeyError:
+                log.error(
+                    "provider '%s': no stored secret '%s'; store it with PUT /api/secrets/%s "
+                    "and restart",
+                    name,
+                    provider.api_key_secret,
+                    provider.api_key_secret,
+                )
+                continue
+            providers[name] = provider.model_copy(update={"api_key": SecretStr(key)})
+    return config.model_copy(update={"providers": providers})
 
 
 def _settle_heap() -> None:
@@ -45,12 +73,19 @@ class Services:
     config: FlywheelConfig
     db: Database
     keys: ApiKeyStore
+    audit: AuditLog
+    access: AccessService
+    secrets: SecretStore
     writer: TraceWriter
     traces: TraceQueries
     providers: ProviderRegistry
+    limiter: Limiter
     gateway: Gateway
     secret: str
     new_admin_key: str | None = None
+    # Failed logins: per account, and (looser, for shared addresses) per client address.
+    account_throttle: LoginThrottle = field(default_factory=lambda: LoginThrottle(10))
+    address_throttle: LoginThrottle = field(default_factory=lambda: LoginThrottle(50))
     _preload: asyncio.Task[None] | None = field(default=None, repr=False)
 
     @classmethod
@@ -62,6 +97,10 @@ class Services:
         db = Database(settings.resolved_database_url)
         db.migrate()
         keys = ApiKeyStore(db)
+        audit = AuditLog(db)
+        master_key = settings.master_key.get_secret_value() if settings.master_key else None
+        secrets_store = SecretStore(db, SecretBox(load_master_key(home, master_key)))
+        config = _with_stored_provider_keys(config, secrets_store)
         admin_key = settings.admin_key.get_secret_value() if settings.admin_key else None
         new_admin_key = keys.ensure_admin(admin_key)
         writer = TraceWriter(db, settings.trace_batch_size, settings.trace_flush_seconds)
@@ -72,15 +111,45 @@ class Services:
             settings.local_max_batch_size,
             settings.local_threads,
         )
+        traces = TraceQueries(db)
+
+        def spent(subject: Subject, since: float) -> float:
+            return traces.spend_since(subject.kind, subject.id, since)
+
+        limiter = make_limiter(settings.redis_url, spent_loader=spent)
+
+        async def budget_alert(alert: BudgetAlert) -> None:
+            kind, _, subject_id = alert.subject.partition(":")
+            await asyncio.to_thread(
+                audit.record,
+                actor="system:budget",
+                action="budget.soft_limit",
+                resource_type=kind,
+                resource_id=subject_id,
+                project_id=subject_id if kind == "project" else None,
+                after={"spent": alert.spent, "budget": alert.budget, "period": alert.period},
+            )
+
         return cls(
             settings=settings,
             config=config,
             db=db,
             keys=keys,
+            audit=audit,
+            access=AccessService(db, keys, audit),
+            secrets=secrets_store,
             writer=writer,
-            traces=TraceQueries(db),
+            traces=traces,
             providers=providers,
-            gateway=Gateway(config, providers, writer, settings.capture),
+            limiter=limiter,
+            gateway=Gateway(
+                config,
+                providers,
+                writer,
+                settings.capture,
+                limiter=limiter,
+                on_budget_alert=budget_alert,
+            ),
             secret=session_secret(home),
             new_admin_key=new_admin_key,
         )
@@ -99,5 +168,6 @@ class Services:
         if self._preload is not None and not self._preload.done():
             self._preload.cancel()
         await self.providers.aclose()
+        await self.limiter.aclose()
         self.writer.close()
         self.db.dispose()

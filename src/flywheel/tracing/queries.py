@@ -5,9 +5,10 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, Select, and_, or_, select
+from sqlalchemy import ColumnElement, Select, and_, func, or_, select
 
 from flywheel.store import Database, SpanRecord
 
@@ -81,8 +82,11 @@ class TraceQueries:
     def __init__(self, db: Database) -> None:
         self.db = db
 
-    def _filtered(self, query: Select[Any], flt: TraceFilter) -> Select[Any]:
-        conditions: list[ColumnElement[bool]] = [SpanRecord.parent_id.is_(None)]
+    def _filtered(self, query: Select[Any], project_id: str, flt: TraceFilter) -> Select[Any]:
+        conditions: list[ColumnElement[bool]] = [
+            SpanRecord.project_id == project_id,
+            SpanRecord.parent_id.is_(None),
+        ]
         if flt.route:
             conditions.append(SpanRecord.route == flt.route)
         if flt.model:
@@ -98,10 +102,11 @@ class TraceQueries:
         return query.where(and_(*conditions))
 
     def list_traces(
-        self, flt: TraceFilter, limit: int = 50, cursor: str | None = None
+        self, project_id: str, flt: TraceFilter, limit: int = 50, cursor: str | None = None
     ) -> TracePage:
-        """Root spans, newest first, with keyset pagination (stable under concurrent writes)."""
-        query = self._filtered(select(SpanRecord), flt)
+        """A project's root spans, newest first, with keyset pagination (stable under
+        concurrent writes)."""
+        query = self._filtered(select(SpanRecord), project_id, flt)
         if cursor:
             start, row_id = _decode_cursor(cursor)
             query = query.where(
@@ -117,27 +122,39 @@ class TraceQueries:
         rows = rows[:limit]
         return TracePage(rows, _encode_cursor(rows[-1]) if more and rows else None)
 
-    def get_trace(self, trace_id: str) -> list[SpanRecord]:
-        """All spans of one trace, in start order."""
+    def get_trace(self, project_id: str, trace_id: str) -> list[SpanRecord]:
+        """All spans of one trace of the project, in start order."""
         query = (
             select(SpanRecord)
-            .where(SpanRecord.trace_id == trace_id)
+            .where(SpanRecord.trace_id == trace_id, SpanRecord.project_id == project_id)
             .order_by(SpanRecord.start_time, SpanRecord.id)
         )
         with self.db.session() as session:
             return list(session.scalars(query))
 
-    def distinct_values(self, column: str, since: float | None = None) -> list[str]:
-        """Routes or models seen recently, for filter drop-downs."""
+    def distinct_values(
+        self, project_id: str, column: str, since: float | None = None
+    ) -> list[str]:
+        """Routes or models the project used recently, for filter drop-downs."""
         col = {"route": SpanRecord.route, "model": SpanRecord.model}[column]
-        query = select(col).where(col.is_not(None)).distinct().order_by(col).limit(200)
+        query = (
+            select(col)
+            .where(col.is_not(None), SpanRecord.project_id == project_id)
+            .distinct()
+            .order_by(col)
+            .limit(200)
+        )
         if since is not None:
             query = query.where(SpanRecord.start_time >= since)
         with self.db.session() as session:
             return [v for v in session.scalars(query) if v]
 
     def timeseries(
-        self, window_seconds: float = 3600, buckets: int = 30, route: str | None = None
+        self,
+        project_id: str,
+        window_seconds: float = 3600,
+        buckets: int = 30,
+        route: str | None = None,
     ) -> dict[str, Any]:
         """Gateway requests bucketed over the last ``window_seconds``: counts, error rate,
         p50/p95 latency, tokens and cost per bucket, plus totals for the window."""
@@ -152,7 +169,11 @@ class TraceQueries:
             SpanRecord.status,
             SpanRecord.total_tokens,
             SpanRecord.cost,
-        ).where(SpanRecord.kind.in_(GATEWAY_KINDS), SpanRecord.start_time >= since)
+        ).where(
+            SpanRecord.kind.in_(GATEWAY_KINDS),
+            SpanRecord.start_time >= since,
+            SpanRecord.project_id == project_id,
+        )
         if route:
             query = query.where(SpanRecord.route == route)
         with self.db.session() as session:
@@ -171,6 +192,75 @@ class TraceQueries:
             "bucket_seconds": width,
             "totals": total.summary(),
             "series": [b.summary() for b in series],
+        }
+
+    def spend_since(self, subject_kind: str, subject_id: str, since: float) -> float:
+        """Dollars a key or project has spent through the gateway since ``since``."""
+        column = SpanRecord.api_key_id if subject_kind == "key" else SpanRecord.project_id
+        query = select(func.coalesce(func.sum(SpanRecord.cost), 0.0)).where(
+            column == subject_id,
+            SpanRecord.kind.in_(GATEWAY_KINDS),
+            SpanRecord.start_time >= since,
+        )
+        with self.db.session() as session:
+            return float(session.scalar(query) or 0.0)
+
+    def costs(self, project_id: str, now: float | None = None) -> dict[str, Any]:
+        """This calendar month's spend (UTC) by route, model and key, per day, and a
+        month-end forecast from the average daily spend so far."""
+        now = time.time() if now is None else now
+        today = datetime.fromtimestamp(now, UTC)
+        month_start = today.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+        next_month = (month_start + timedelta(days=32)).replace(day=1)
+        since = month_start.timestamp()
+        base = (
+            SpanRecord.project_id == project_id,
+            SpanRecord.kind.in_(GATEWAY_KINDS),
+            SpanRecord.start_time >= since,
+        )
+        groups: dict[str, list[dict[str, Any]]] = {}
+        with self.db.session() as session:
+            for name, column in (
+                ("route", SpanRecord.route),
+                ("model", SpanRecord.model),
+                ("api_key_id", SpanRecord.api_key_id),
+            ):
+                rows = session.execute(
+                    select(
+                        column,
+                        func.count(),
+                        func.coalesce(func.sum(SpanRecord.total_tokens), 0),
+                        func.coalesce(func.sum(SpanRecord.cost), 0.0),
+                    )
+                    .where(*base)
+                    .group_by(column)
+                    .order_by(func.coalesce(func.sum(SpanRecord.cost), 0.0).desc())
+                ).all()
+                groups[name] = [
+                    {
+                        name: key,
+                        "requests": n,
+                        "tokens": int(tokens or 0),
+                        "cost": round(cost or 0.0, 8),
+                    }
+                    for key, n, tokens, cost in rows
+                ]
+            starts = session.execute(select(SpanRecord.start_time, SpanRecord.cost).where(*base))
+            daily = [0.0] * (next_month - month_start).days
+            for start, cost in starts:
+                daily[min(len(daily) - 1, int((start - since) // 86400))] += cost or 0.0
+        spent = sum(daily)
+        elapsed_days = max((now - since) / 86400, 1 / 24)  # an hour at least: no wild spikes
+        days_in_month = len(daily)
+        return {
+            "period_start": since,
+            "period_end": next_month.timestamp(),
+            "spent": round(spent, 8),
+            "forecast": round(spent / elapsed_days * days_in_month, 8),
+            "daily": [round(d, 8) for d in daily],
+            "by_route": groups["route"],
+            "by_model": groups["model"],
+            "by_key": groups["api_key_id"],
         }
 
 

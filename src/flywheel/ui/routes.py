@@ -21,19 +21,23 @@ from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 
 from flywheel import __version__
-from flywheel.security import AuthenticatedKey
+from flywheel.security import Principal
 from flywheel.server.http import services
 from flywheel.tracing import TraceFilter
 from flywheel.ui import present
 from flywheel.ui.assets import STATIC_DIR, missing_vendor_files
 from flywheel.ui.session import (
+    CsrfFailed,
+    Forbidden,
     LoginRequired,
-    current_key,
+    csrf_token,
     end_session,
     login_redirect,
     safe_next,
-    session_key_id,
+    session_principal,
     start_session,
+    switch_project,
+    ui_authorize,
 )
 
 TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"
@@ -93,7 +97,17 @@ def install(app: FastAPI) -> None:
             raise exc
         return login_redirect(request, exc)
 
+    async def forbidden(request: Request, exc: Exception) -> Response:
+        if isinstance(exc, Forbidden):
+            request.state.principal = exc.principal
+            context = {"permission": str(exc.permission), "problem": "permission"}
+        else:
+            context = {"permission": "", "problem": "csrf"}
+        return render(request, "forbidden.html", context, status_code=403)
+
     app.add_exception_handler(LoginRequired, login_required)
+    app.add_exception_handler(Forbidden, forbidden)
+    app.add_exception_handler(CsrfFailed, forbidden)
 
 
 def render(
@@ -106,9 +120,12 @@ def render(
     """A template with the layout's common context and the UI's security headers."""
     missing = missing_vendor_files()
     names = {f.name for f in missing}
-    user: AuthenticatedKey | None = getattr(request.state, "ui_key", None)
+    user: Principal | None = getattr(request.state, "principal", None)
     full_context: dict[str, Any] = {
         "user": user,
+        "can": (lambda permission: user.can(permission)) if user else (lambda _: False),
+        "csrf_token": csrf_token(request) if user else "",
+        "projects": _project_choices(request, user) if user else [],
         "nav": "",
         "vendor": {
             "htmx": "htmx.min.js" not in names,
@@ -123,6 +140,14 @@ def render(
     if headers:
         response.headers.update(headers)
     return response
+
+
+def _project_choices(request: Request, user: Principal) -> list[str]:
+    """Projects the switcher offers: a user's memberships (all for instance admins)."""
+    access = services(request).access
+    if user.kind == "user":
+        return [m.project.id for m in access.memberships(user.id)]
+    return [p.id for p in access.list_projects(user)]
 
 
 def _htmx_target(request: Request) -> str | None:
@@ -155,34 +180,88 @@ def _options(*groups: list[str], selected: str | None = None) -> list[str]:
 def login_page(request: Request, next: str | None = None) -> Response:
     """The login form; a visitor with a valid session goes straight on."""
     target = safe_next(next)
-    key_id = session_key_id(request)
-    if key_id and services(request).keys.get_active(key_id):
+    if session_principal(request) is not None:
         return RedirectResponse(target, status_code=303)
-    return render(request, "login.html", {"next": target, "error": None})
+    return render(request, "login.html", {"next": target, "error": None, "username": ""})
+
+
+def _client(request: Request) -> str:
+    return f"ip:{request.client.host if request.client else '?'}"
 
 
 @router.post("/login")
 async def login(request: Request) -> Response:
-    """Verify the API key from the form and start a session holding only the key's id."""
+    """Log in with a username and password, or with an API key; the session stores ids only.
+
+    Failures are throttled per address and per username, and audited."""
     if _cross_site(request):
         error = "This login came from another site. Log in here instead."
-        return render(request, "login.html", {"next": "/", "error": error}, status_code=403)
-    form = await request.form()
-    raw = form.get("api_key")
-    target = safe_next(str(form.get("next") or "/"))
-    key: AuthenticatedKey | None = None
-    if isinstance(raw, str) and raw.strip() and len(raw) <= MAX_KEY_LENGTH:
-        key = await run_in_threadpool(services(request).keys.verify, raw.strip())
-    if key is None:
-        error = (
-            "Enter your API key."
-            if not isinstance(raw, str) or not raw.strip()
-            else "That API key is not valid, or it has been revoked."
+        return render(
+            request, "login.html", {"next": "/", "error": error, "username": ""}, status_code=403
         )
-        return render(request, "login.html", {"next": target, "error": error}, status_code=401)
+    svc = services(request)
+    form = await request.form()
+    username = str(form.get("username") or "").strip()[:100]
+    password = str(form.get("password") or "")
+    raw_key = str(form.get("api_key") or "").strip()
+    target = safe_next(str(form.get("next") or "/"))
+    address = _client(request)
+    context = {"next": target, "username": username}
+    wait = max(
+        svc.address_throttle.retry_after(address),
+        svc.account_throttle.retry_after(f"user:{username}") if username else 0.0,
+    )
+    if wait > 0:
+        error = f"Too many failed logins. Try again in {int(wait) + 1} seconds."
+        return render(
+            request,
+            "login.html",
+            {**context, "error": error},
+            status_code=429,
+            headers={"Retry-After": str(int(wait) + 1)},
+        )
     response = RedirectResponse(target, status_code=303)
-    start_session(request, response, key)
-    return response
+    if username and password and len(password) <= 1024:
+        user = await run_in_threadpool(svc.access.authenticate, username, password)
+        if user is not None:
+            await run_in_threadpool(
+                svc.audit.record,
+                actor=f"user:{user.username}",
+                action="login.success",
+                resource_type="user",
+                resource_id=user.id,
+            )
+            start_session(request, response, user_id=user.id)
+            return response
+        error = "That username and password do not match an active user."
+    elif raw_key and len(raw_key) <= MAX_KEY_LENGTH:
+        key = await run_in_threadpool(svc.keys.verify, raw_key)
+        if key is not None:
+            await run_in_threadpool(
+                svc.audit.record,
+                actor=f"key:{key.name}",
+                action="login.success",
+                resource_type="api_key",
+                resource_id=key.id,
+                project_id=key.project_id,
+            )
+            start_session(request, response, key_id=key.id)
+            return response
+        error = "That API key is not valid, or it has expired or been revoked."
+    else:
+        error = "Enter a username and password, or an API key."
+    svc.address_throttle.failed(address)
+    if username:
+        svc.account_throttle.failed(f"user:{username}")
+    await run_in_threadpool(
+        svc.audit.record,
+        actor=f"user:{username}" if username else address,
+        action="login.failure",
+        resource_type="user" if username else "api_key",
+        resource_id=username or (raw_key[:10] if raw_key else None),
+        after={"address": address},
+    )
+    return render(request, "login.html", {**context, "error": error}, status_code=401)
 
 
 @router.post("/logout")
@@ -195,6 +274,21 @@ def logout(request: Request) -> Response:
     return response
 
 
+@router.post("/project")
+async def choose_project(request: Request, user: Principal = Depends(ui_authorize)) -> Response:
+    """Switch the project the session acts in (one the user belongs to)."""
+    form = await request.form()
+    project = str(form.get("project") or "")
+    target = safe_next(str(form.get("next") or "/"))
+    if project not in _project_choices(request, user):
+        return render(
+            request, "forbidden.html", {"permission": "", "problem": "project"}, status_code=403
+        )
+    response = RedirectResponse(target, status_code=303)
+    switch_project(request, response, project)
+    return response
+
+
 # -- observe: dashboard ----------------------------------------------------------------------
 
 
@@ -203,20 +297,23 @@ def dashboard(
     request: Request,
     window: str | None = None,
     route: str | None = None,
-    _: AuthenticatedKey = Depends(current_key),
+    user: Principal = Depends(ui_authorize),
 ) -> Response:
     """Totals and time series of gateway traffic over the selected window."""
     svc = services(request)
+    project = user.project_id
     selected = present.window_for(window) or present.DEFAULT_WINDOW
     route = route or None
-    stats = svc.traces.timeseries(selected.seconds, selected.buckets, route)
+    stats = svc.traces.timeseries(project, selected.seconds, selected.buckets, route)
     context = {
         "nav": "dashboard",
         "window": selected,
         "window_name": present.WINDOW_NAMES[selected.key],
         "route": route,
         "routes": _options(
-            [r.name for r in svc.config.routes], svc.traces.distinct_values("route"), selected=route
+            [r.name for r in svc.config.routes],
+            svc.traces.distinct_values(project, "route"),
+            selected=route,
         ),
         "totals": stats["totals"],
         "chart": present.chart_data(stats),
@@ -245,10 +342,11 @@ def traces(
     status: str | None = None,
     window: str | None = None,
     cursor: str | None = None,
-    _: AuthenticatedKey = Depends(current_key),
+    user: Principal = Depends(ui_authorize),
 ) -> Response:
     """Root spans, newest first, filtered and paged with a keyset cursor."""
     svc = services(request)
+    project = user.project_id
     selected = present.window_for(window, default=None)
     filters = {
         "route": route or "",
@@ -263,10 +361,10 @@ def traces(
         since=time.time() - selected.seconds if selected else None,
     )
     try:
-        page = svc.traces.list_traces(flt, PAGE_SIZE, cursor or None)
+        page = svc.traces.list_traces(project, flt, PAGE_SIZE, cursor or None)
     except ValueError:
         # A mangled cursor (hand-edited URL) restarts from the newest trace.
-        page = svc.traces.list_traces(flt, PAGE_SIZE, None)
+        page = svc.traces.list_traces(project, flt, PAGE_SIZE, None)
     query = {k: v for k, v in filters.items() if v}
     canonical = "/traces" + (f"?{urlencode(query)}" if query else "")
     context = {
@@ -279,12 +377,12 @@ def traces(
         else None,
         "routes": _options(
             [r.name for r in svc.config.routes],
-            svc.traces.distinct_values("route"),
+            svc.traces.distinct_values(project, "route"),
             selected=filters["route"],
         ),
         "models": _options(
             [m.name for m in svc.config.models],
-            svc.traces.distinct_values("model"),
+            svc.traces.distinct_values(project, "model"),
             selected=filters["model"],
         ),
         "statuses": TRACE_STATUSES,
@@ -302,10 +400,11 @@ def traces(
 
 @router.get("/traces/{trace_id}")
 def trace_detail(
-    request: Request, trace_id: str, _: AuthenticatedKey = Depends(current_key)
+    request: Request, trace_id: str, user: Principal = Depends(ui_authorize)
 ) -> Response:
     """One trace: its span tree and, for gateway spans, the call in full."""
-    spans = services(request).traces.get_trace(trace_id) if len(trace_id) <= 64 else []
+    traces = services(request).traces
+    spans = traces.get_trace(user.project_id, trace_id) if len(trace_id) <= 64 else []
     if not spans:
         return render(
             request, "not_found.html", {"nav": "traces", "trace_id": trace_id}, status_code=404
@@ -319,7 +418,7 @@ def trace_detail(
 
 
 @router.get("/routes")
-def routes_page(request: Request, _: AuthenticatedKey = Depends(current_key)) -> Response:
+def routes_page(request: Request, _: Principal = Depends(ui_authorize)) -> Response:
     """The configured routes and the model catalog with each model's readiness."""
     svc = services(request)
     routes = []

@@ -1,7 +1,15 @@
-"""UI sessions: a signed cookie holding only the API key's id, re-checked on every request."""
+"""UI sessions: a signed cookie naming the user (or API key) and the project in use.
+
+The cookie holds ids only, never a key or password, and is re-checked on every request, so
+revoking a key, disabling a user or removing a membership ends their sessions at once.
+Every state-changing form carries a CSRF token derived from the session's nonce.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import secrets
 from typing import Any
 from urllib.parse import quote, urlsplit
 
@@ -9,20 +17,36 @@ from fastapi import Request
 from fastapi.responses import RedirectResponse, Response
 from itsdangerous import BadSignature, URLSafeTimedSerializer
 
-from flywheel.security import AuthenticatedKey
+from flywheel.security import AccessError, Permission, Principal
 from flywheel.server.http import services
+from flywheel.server.policy import required_permission
 
 COOKIE_NAME = "flywheel_session"
+CSRF_FIELD = "csrf_token"
+CSRF_HEADER = "x-csrf-token"
 MAX_AGE_SECONDS = 12 * 3600
 _SALT = "flywheel.ui.session"
 
 
 class LoginRequired(Exception):
-    """Raised by :func:`current_key` when the request carries no valid session."""
+    """Raised when the request carries no valid session."""
 
     def __init__(self, next_url: str) -> None:
         super().__init__(next_url)
         self.next_url = next_url
+
+
+class Forbidden(Exception):
+    """Raised when the logged-in principal lacks the page's permission."""
+
+    def __init__(self, principal: Principal, permission: Permission) -> None:
+        super().__init__(str(permission))
+        self.principal = principal
+        self.permission = permission
+
+
+class CsrfFailed(Exception):
+    """Raised when a state-changing request lacks the session's CSRF token."""
 
 
 def _serializer(request: Request) -> URLSafeTimedSerializer:
@@ -52,8 +76,8 @@ def _requested_page(request: Request) -> str:
     return safe_next(path)
 
 
-def session_key_id(request: Request) -> str | None:
-    """The key id in the request's session cookie, if the signature and age are valid."""
+def session_data(request: Request) -> dict[str, Any] | None:
+    """The session cookie's contents, if its signature and age are valid."""
     token = request.cookies.get(COOKIE_NAME)
     if not token:
         return None
@@ -61,25 +85,96 @@ def session_key_id(request: Request) -> str | None:
         data: Any = _serializer(request).loads(token, max_age=MAX_AGE_SECONDS)
     except BadSignature:
         return None
-    key_id = data.get("kid") if isinstance(data, dict) else None
-    return key_id if isinstance(key_id, str) else None
+    return data if isinstance(data, dict) and isinstance(data.get("sid"), str) else None
 
 
-def current_key(request: Request) -> AuthenticatedKey:
-    """FastAPI dependency: the logged-in key, still active; raises :class:`LoginRequired`."""
-    key_id = session_key_id(request)
-    key = services(request).keys.get_active(key_id) if key_id else None
-    if key is None:
+def session_principal(request: Request) -> Principal | None:
+    """The principal of a valid session, still active and still a member of its project."""
+    data = session_data(request)
+    if data is None:
+        return None
+    svc = services(request)
+    project = data.get("pid") if isinstance(data.get("pid"), str) else None
+    if isinstance(data.get("uid"), str):
+        return svc.access.principal_for_user(data["uid"], project)
+    if isinstance(data.get("kid"), str):
+        key = svc.keys.get_active(data["kid"])
+        if key is None:
+            return None
+        try:
+            return svc.access.principal_for_key(key, project)
+        except AccessError:
+            return None
+    return None
+
+
+def csrf_token(request: Request) -> str:
+    """The CSRF token of the request's session ('' without one)."""
+    data = session_data(request)
+    if data is None:
+        return ""
+    secret = services(request).secret.encode()
+    return hmac.new(secret, f"csrf:{data['sid']}".encode(), hashlib.sha256).hexdigest()
+
+
+async def check_csrf(request: Request) -> None:
+    """Refuse a state-changing request whose form field or header lacks the token."""
+    expected = csrf_token(request)
+    sent = request.headers.get(CSRF_HEADER)
+    if sent is None:
+        form = await request.form()
+        value = form.get(CSRF_FIELD)
+        sent = value if isinstance(value, str) else None
+    if not expected or not sent or not hmac.compare_digest(expected, sent):
+        raise CsrfFailed()
+
+
+async def ui_authorize(request: Request) -> Principal:
+    """Page dependency: a valid session, the route's permission (deny by default), and a
+    CSRF token on anything but GET."""
+    principal = session_principal(request)
+    if principal is None:
         raise LoginRequired(_requested_page(request))
-    request.state.ui_key = key
-    return key
+    route = request.scope.get("route")
+    permission = required_permission(request.method, getattr(route, "path", ""))
+    if permission is None or not principal.can(permission):
+        raise Forbidden(principal, permission or Permission.PROJECTS_MANAGE)
+    if request.method not in ("GET", "HEAD"):
+        await check_csrf(request)
+    request.state.principal = principal
+    return principal
 
 
-def start_session(request: Request, response: Response, key: AuthenticatedKey) -> None:
-    """Set the session cookie for ``key`` on ``response``."""
+def start_session(
+    request: Request,
+    response: Response,
+    *,
+    user_id: str | None = None,
+    key_id: str | None = None,
+    project_id: str | None = None,
+) -> None:
+    """Set a new session cookie (a fresh nonce, so a new CSRF token) on ``response``."""
+    data: dict[str, Any] = {"sid": secrets.token_urlsafe(16)}
+    if user_id:
+        data["uid"] = user_id
+    if key_id:
+        data["kid"] = key_id
+    if project_id:
+        data["pid"] = project_id
+    _set_cookie(request, response, data)
+
+
+def switch_project(request: Request, response: Response, project_id: str) -> None:
+    """Keep the session, acting in ``project_id`` from now on."""
+    data = dict(session_data(request) or {})
+    data["pid"] = project_id
+    _set_cookie(request, response, data)
+
+
+def _set_cookie(request: Request, response: Response, data: dict[str, Any]) -> None:
     response.set_cookie(
         COOKIE_NAME,
-        _serializer(request).dumps({"kid": key.id}),
+        _serializer(request).dumps(data),
         max_age=MAX_AGE_SECONDS,
         path="/",
         httponly=True,

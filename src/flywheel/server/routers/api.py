@@ -1,4 +1,8 @@
-"""``/api``: Flywheel's own API (traces, routes, models, stats, span ingestion)."""
+"""``/api``: Flywheel's own API: traces, stats and costs, routes and models, span ingestion.
+
+Every handler reads and writes only the caller's project (``principal(request).project_id``).
+Access management (projects, users, members, keys, secrets, audit) is in ``routers/access``.
+"""
 
 from __future__ import annotations
 
@@ -9,12 +13,11 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from flywheel.gateway import GatewayError
-from flywheel.security import AuthenticatedKey
-from flywheel.server.http import read_json, require_key, services
+from flywheel.server.http import authorize, principal, read_json, services
 from flywheel.tracing import TraceFilter
 from flywheel.tracing.queries import span_to_dict
 
-router = APIRouter(prefix="/api", tags=["flywheel"], dependencies=[Depends(require_key)])
+router = APIRouter(prefix="/api", tags=["flywheel"], dependencies=[Depends(authorize)])
 
 
 @router.get("/traces")
@@ -32,7 +35,9 @@ def list_traces(
     """Traces (root spans), newest first. Pass ``next_cursor`` back as ``cursor`` for more."""
     flt = TraceFilter(route, model, status, kind, since, until)
     try:
-        page = services(request).traces.list_traces(flt, limit, cursor)
+        page = services(request).traces.list_traces(
+            principal(request).project_id, flt, limit, cursor
+        )
     except ValueError as exc:
         raise GatewayError(400, str(exc), param="cursor") from None
     return {
@@ -44,7 +49,7 @@ def list_traces(
 @router.get("/traces/{trace_id}")
 def get_trace(trace_id: str, request: Request) -> Any:
     """Every span of one trace, with content, in start order."""
-    spans = services(request).traces.get_trace(trace_id)
+    spans = services(request).traces.get_trace(principal(request).project_id, trace_id)
     if not spans:
         raise GatewayError(404, f"No trace '{trace_id}'.", param="trace_id", code="not_found")
     return {"trace_id": trace_id, "spans": [span_to_dict(s) for s in spans]}
@@ -77,13 +82,14 @@ class SpanBatch(BaseModel):
 async def ingest_spans(request: Request) -> Any:
     """Record spans from the SDK (``@flywheel.trace``, ``flywheel.span``)."""
     batch = await read_json(request, SpanBatch)
-    key: AuthenticatedKey = request.state.api_key
+    caller = principal(request)
     writer = services(request).writer
     for span in batch.spans:
         row = span.model_dump()
         if span.end_time is not None:
             row["latency_ms"] = (span.end_time - span.start_time) * 1000
-        row["api_key_id"] = key.id
+        row["api_key_id"] = caller.key_id
+        row["project_id"] = caller.project_id
         writer.record(row)
     return JSONResponse({"accepted": len(batch.spans)}, status_code=202)
 
@@ -114,4 +120,12 @@ def stats(
     route: str | None = None,
 ) -> Any:
     """Requests, error rate, p50/p95 latency, tokens and cost over time."""
-    return services(request).traces.timeseries(window, buckets, route)
+    return services(request).traces.timeseries(
+        principal(request).project_id, window, buckets, route
+    )
+
+
+@router.get("/costs")
+def costs(request: Request) -> Any:
+    """This month's spend by route, model and key, per day, with a month-end forecast."""
+    return services(request).traces.costs(principal(request).project_id)

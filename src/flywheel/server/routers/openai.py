@@ -10,11 +10,11 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from flywheel.gateway import CallContext, ChatCompletionRequest, EmbeddingRequest, GatewayError
-from flywheel.security import AuthenticatedKey
-from flywheel.server.http import read_json, require_key, services
+from flywheel.security import Principal
+from flywheel.server.http import authorize, limit_subjects, read_json, services
 from flywheel.tracing import parse_traceparent
 
-router = APIRouter(prefix="/v1", tags=["openai"])
+router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(authorize)])
 TRACE_HEADER = "x-flywheel-trace-id"
 
 
@@ -27,8 +27,14 @@ def _body_schema(model: type[ChatCompletionRequest] | type[EmbeddingRequest]) ->
     }
 
 
-def _context(request: Request, key: AuthenticatedKey) -> CallContext:
-    ctx = CallContext(api_key_id=key.id)
+async def _context(request: Request) -> CallContext:
+    caller: Principal = request.state.principal
+    ctx = CallContext(
+        api_key_id=caller.key_id,
+        project_id=caller.project_id,
+        allowed_models=caller.allowed_models,
+        limit_subjects=await limit_subjects(services(request), caller),
+    )
     parent = parse_traceparent(request.headers.get("traceparent"))
     if parent is not None:
         ctx.trace_id, ctx.parent_id = parent
@@ -46,10 +52,10 @@ def _traced_errors(ctx: CallContext) -> Iterator[None]:
 
 
 @router.post("/chat/completions", openapi_extra=_body_schema(ChatCompletionRequest))
-async def chat_completions(request: Request, key: AuthenticatedKey = Depends(require_key)) -> Any:
+async def chat_completions(request: Request) -> Any:
     """Chat completions, JSON or server-sent events (``"stream": true``)."""
     body = await read_json(request, ChatCompletionRequest)
-    ctx = _context(request, key)
+    ctx = await _context(request)
     gateway = services(request).gateway
     headers = {TRACE_HEADER: ctx.trace_id}
     with _traced_errors(ctx):
@@ -64,27 +70,28 @@ async def chat_completions(request: Request, key: AuthenticatedKey = Depends(req
 
 
 @router.post("/embeddings", openapi_extra=_body_schema(EmbeddingRequest))
-async def embeddings(request: Request, key: AuthenticatedKey = Depends(require_key)) -> Any:
+async def embeddings(request: Request) -> Any:
     """Embeddings of one text or a list of texts."""
     body = await read_json(request, EmbeddingRequest)
-    ctx = _context(request, key)
+    ctx = await _context(request)
     with _traced_errors(ctx):
         result = await services(request).gateway.embeddings(body, ctx)
     return JSONResponse(result, headers={TRACE_HEADER: ctx.trace_id})
 
 
 @router.get("/models")
-async def list_models(request: Request, _: AuthenticatedKey = Depends(require_key)) -> Any:
-    """Routes and catalog models callable as ``model``."""
-    return {"object": "list", "data": services(request).gateway.list_models()}
+async def list_models(request: Request) -> Any:
+    """Routes and catalog models this key may call as ``model``."""
+    caller: Principal = request.state.principal
+    models = services(request).gateway.list_models()
+    return {"object": "list", "data": [m for m in models if caller.may_call(m["id"])]}
 
 
 @router.get("/models/{model_id:path}")
-async def get_model(
-    model_id: str, request: Request, _: AuthenticatedKey = Depends(require_key)
-) -> Any:
+async def get_model(model_id: str, request: Request) -> Any:
+    caller: Principal = request.state.principal
     for item in services(request).gateway.list_models():
-        if item["id"] == model_id:
+        if item["id"] == model_id and caller.may_call(model_id):
             return item
     raise GatewayError(
         404, f"The model '{model_id}' does not exist.", param="model", code="model_not_found"

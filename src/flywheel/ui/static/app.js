@@ -271,6 +271,22 @@
     if (row) window.location.assign(row.getAttribute("data-href"));
   });
 
+  // Selects marked data-autosubmit (the project switcher) submit their form on change.
+  document.addEventListener("change", function (event) {
+    var target = event.target;
+    if (target instanceof HTMLSelectElement && target.hasAttribute("data-autosubmit")) {
+      target.form.submit();
+    }
+  });
+
+  // Buttons marked data-confirm ask before submitting (revoking a key, removing a member).
+  document.addEventListener("submit", function (event) {
+    var button = event.submitter;
+    if (button && button.hasAttribute("data-confirm") && !window.confirm(button.getAttribute("data-confirm"))) {
+      event.preventDefault();
+    }
+  });
+
   if (window.htmx) {
     document.documentElement.classList.add("htmx-on");
     document.addEventListener("htmx:load", function (event) {

@@ -1,0 +1,101 @@
+"""The access policy: the one permission each route of the app needs.
+
+Enforcement reads this table (``flywheel.server.http.authorize`` for the API, the UI's
+session dependency for pages), so a route missing here is refused to everyone, and
+``tests/test_rbac.py`` fails until it is added. Keys are ``(method, path template)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from flywheel.security.rbac import Permission
+
+P = Permission
+
+POLICY: dict[tuple[str, str], Permission] = {
+    # Ops, docs and static assets.
+    ("GET", "/healthz"): P.PUBLIC,
+    ("GET", "/readyz"): P.PUBLIC,
+    ("GET", "/openapi.json"): P.PUBLIC,
+    ("GET", "/docs"): P.PUBLIC,
+    ("GET", "/docs/oauth2-redirect"): P.PUBLIC,
+    ("GET", "/redoc"): P.PUBLIC,
+    ("GET", "/static"): P.PUBLIC,
+    # OpenAI-compatible gateway.
+    ("POST", "/v1/chat/completions"): P.GATEWAY_CALL,
+    ("POST", "/v1/embeddings"): P.GATEWAY_CALL,
+    ("GET", "/v1/models"): P.GATEWAY_CALL,
+    ("GET", "/v1/models/{model_id:path}"): P.GATEWAY_CALL,
+    # Flywheel API: observe.
+    ("GET", "/api/traces"): P.TRACES_READ,
+    ("GET", "/api/traces/{trace_id}"): P.TRACES_READ,
+    ("POST", "/api/spans"): P.TRACES_WRITE,
+    ("GET", "/api/stats"): P.TRACES_READ,
+    ("GET", "/api/costs"): P.COSTS_READ,
+    ("GET", "/api/routes"): P.CONFIG_READ,
+    ("GET", "/api/models"): P.CONFIG_READ,
+    # Flywheel API: access and governance.
+    ("GET", "/api/me"): P.AUTHENTICATED,
+    ("GET", "/api/projects"): P.AUTHENTICATED,
+    ("POST", "/api/projects"): P.PROJECTS_MANAGE,
+    ("GET", "/api/projects/{project_id}"): P.AUTHENTICATED,
+    ("PATCH", "/api/projects/{project_id}"): P.PROJECTS_MANAGE,
+    ("GET", "/api/users"): P.USERS_MANAGE,
+    ("POST", "/api/users"): P.USERS_MANAGE,
+    ("PATCH", "/api/users/{user_id}"): P.USERS_MANAGE,
+    ("GET", "/api/members"): P.MEMBERS_MANAGE,
+    ("PUT", "/api/members/{user_id}"): P.MEMBERS_MANAGE,
+    ("DELETE", "/api/members/{user_id}"): P.MEMBERS_MANAGE,
+    ("GET", "/api/keys"): P.KEYS_MANAGE,
+    ("POST", "/api/keys"): P.KEYS_MANAGE,
+    ("DELETE", "/api/keys/{key_id}"): P.KEYS_MANAGE,
+    ("GET", "/api/secrets"): P.SECRETS_MANAGE,
+    ("PUT", "/api/secrets/{name}"): P.SECRETS_MANAGE,
+    ("DELETE", "/api/secrets/{name}"): P.SECRETS_MANAGE,
+    ("GET", "/api/audit"): P.AUDIT_READ,
+    ("GET", "/api/audit/export"): P.AUDIT_READ,
+    ("GET", "/api/audit/verify"): P.AUDIT_READ,
+    # Web UI.
+    ("GET", "/login"): P.PUBLIC,
+    ("POST", "/login"): P.PUBLIC,
+    ("POST", "/logout"): P.PUBLIC,
+    ("POST", "/project"): P.AUTHENTICATED,
+    ("GET", "/"): P.TRACES_READ,
+    ("GET", "/traces"): P.TRACES_READ,
+    ("GET", "/traces/{trace_id}"): P.TRACES_READ,
+    ("GET", "/routes"): P.CONFIG_READ,
+    ("GET", "/costs"): P.COSTS_READ,
+    ("GET", "/access"): P.MEMBERS_MANAGE,
+    ("POST", "/access/members"): P.MEMBERS_MANAGE,
+    ("POST", "/access/keys"): P.KEYS_MANAGE,
+    ("POST", "/access/keys/{key_id}/revoke"): P.KEYS_MANAGE,
+    ("GET", "/audit"): P.AUDIT_READ,
+}
+
+
+def required_permission(method: str, path: str) -> Permission | None:
+    """The permission a route needs; None when the route has no policy (refuse it)."""
+    return POLICY.get(("GET" if method == "HEAD" else method, path))
+
+
+def iter_routes(app: Any) -> Iterator[tuple[str, str]]:
+    """Every ``(method, path template)`` the app serves, including included routers and
+    mounts (a mount is listed as GET of its prefix)."""
+    for route in app.routes:
+        contexts = (
+            route.effective_route_contexts()
+            if hasattr(route, "effective_route_contexts")
+            else [route]
+        )
+        for context in contexts:
+            methods = getattr(context, "methods", None)
+            path = getattr(context, "path", None)
+            if path is None:
+                continue
+            if methods is None:  # a Mount (static files)
+                yield "GET", path
+                continue
+            for method in sorted(methods - {"HEAD"}):
+                yield method, path
