@@ -1,5 +1,5 @@
 """The hash-chained audit log on a real database file (SQLite; also PostgreSQL when
-FLYWHEEL_TEST_POSTGRES_URL names a scratch database, whose audit tables the tests wipe)."""
+FLYWHEEL_TEST_POSTGRES_URL names a scratch database, whose tables the tests drop)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import delete, func, insert, select, text, update
@@ -33,7 +34,7 @@ from flywheel.store import AuditEvent, Base, Database, Project
 
 POSTGRES_URL = os.environ.get("FLYWHEEL_TEST_POSTGRES_URL")
 BACKENDS = ["sqlite"] + (["postgresql"] if POSTGRES_URL else [])
-TABLE = AuditEvent.__table__
+TABLE = Base.metadata.tables["audit_events"]
 
 
 def _fresh_postgres(url: str) -> Database:
@@ -65,19 +66,16 @@ def sqlite_db(tmp_path: Path) -> Iterator[Database]:
     database.dispose()
 
 
-def _record_n(audit: AuditLog, n: int, **overrides: object) -> list[AuditEvent]:
+def _record_n(audit: AuditLog, n: int) -> list[AuditEvent]:
     return [
         audit.record(
-            **{
-                "actor": f"user:u{i % 3}",
-                "action": "project.update",
-                "resource_type": "project",
-                "resource_id": f"p{i}",
-                "project_id": "p1",
-                "before": {"n": i, "ratio": i / 7},
-                "after": {"n": i + 1, "ratio": (i + 1) / 7},
-                **overrides,
-            }
+            actor=f"user:u{i % 3}",
+            action="project.update",
+            resource_type="project",
+            resource_id=f"p{i}",
+            project_id="p1",
+            before={"n": i, "ratio": i / 7},
+            after={"n": i + 1, "ratio": (i + 1) / 7},
         )
         for i in range(n)
     ]
@@ -94,7 +92,7 @@ def _stored(db: Database) -> list[dict]:
 
 def test_entry_hash_is_sha256_of_the_canonical_json() -> None:
     # Pinned: changing the encoding would make every stored chain fail verification.
-    fields = {
+    fields: dict[str, Any] = {
         "seq": 1,
         "ts": 0.1 + 0.2,
         "actor": "user:ana",
@@ -251,7 +249,7 @@ def test_a_rebuilt_chain_must_start_at_genesis(db: Database) -> None:
 
 
 def test_redact_hides_secret_keys_at_any_depth_and_copies() -> None:
-    value = {
+    value: dict[str, Any] = {
         "name": "svc",
         "API_Key": "sk-live-123",
         "nested": {"password": "x", "list": [{"Authorization": "Bearer y"}, "plain"]},
@@ -417,8 +415,9 @@ def test_concurrent_appends_from_threads_make_one_chain(db: Database) -> None:
 
 
 def test_two_logs_on_one_database_make_one_chain(db: Database) -> None:
-    """Two AuditLogs with their own engines stand for two processes: their locks do not
-    see each other, so only the unique columns and the retry keep the chain whole."""
+    """Two AuditLogs with their own engines stand for two processes: their process locks do
+    not see each other, so only the database (locks, unique columns) and the retry on a lost
+    race keep the chain whole."""
     other_db = Database(db.url)
     logs = [AuditLog(db, page_size=50), AuditLog(other_db, page_size=50)]
     errors: list[BaseException] = []

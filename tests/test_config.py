@@ -86,3 +86,37 @@ def test_cli_config_check(tmp_path: Path) -> None:
         text=True,
     )
     assert result.returncode == 0 and "1 models" in result.stdout
+
+
+CATALOG_STATUS = """\
+providers:
+  up: {type: openai, base_url: "http://127.0.0.1:9/v1"}
+models:
+  - {name: good, provider: up}
+  - {name: trial, provider: up, status: experimental}
+  - {name: banned, provider: up, status: blocked}
+routes:
+  - name: prod
+    production: true
+    targets: [{model: good}]
+    fallbacks: [trial]
+  - name: dev
+    targets: [{model: banned}]
+  - name: dev-ok
+    targets: [{model: trial}]
+"""
+
+
+def test_catalog_status_limits_what_routes_may_target() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config_text(CATALOG_STATUS, "flywheel.yaml")
+    problems = info.value.problems
+    assert (
+        "flywheel.yaml:11: routes[0].fallbacks[0]: production route 'prod' may only target "
+        "approved models; 'trial' is experimental"
+    ) in problems
+    assert (
+        "flywheel.yaml:13: routes[1].targets[0].model: model 'banned' is blocked in the catalog"
+        in (problems)
+    )
+    assert len(problems) == 2  # an experimental model in a non-production route is fine

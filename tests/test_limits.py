@@ -8,16 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import random
-import shutil
-import subprocess
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
 import pydantic
 import pytest
-import redis
 import redis.asyncio as aioredis
 
 from flywheel.gateway.limits import (
@@ -34,7 +31,6 @@ from flywheel.gateway.limits import (
     make_limiter,
     period_bounds,
 )
-from flywheel.testing.upstream import free_port
 
 
 def ts(year: int, month: int, day: int, hour: int = 0, minute: int = 0, second: int = 0) -> float:
@@ -72,39 +68,6 @@ async def refused(
     with pytest.raises(LimitExceeded) as caught:
         await limiter.acquire(subjects, tokens, cost)
     return caught.value
-
-
-@pytest.fixture(scope="session")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.fail(
-            "redis-server is not installed: `make test` installs it "
-            "(apt-get install redis-server); the Redis limiter tests need a real server."
-        )
-    port = free_port()
-    workdir = tmp_path_factory.mktemp("redis")
-    server = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        cwd=workdir,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.STDOUT,
-    )
-    client = redis.Redis(port=port)
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            client.ping()
-            break
-        except redis.ConnectionError:
-            if server.poll() is not None or time.monotonic() > deadline:
-                server.kill()
-                pytest.fail(f"redis-server did not start on port {port}")
-            time.sleep(0.02)
-    client.close()
-    yield f"redis://127.0.0.1:{port}/0"
-    server.terminate()
-    server.wait(10)
 
 
 class Limiters:

@@ -34,3 +34,34 @@ def test_started_services_freeze_the_long_lived_heap(tmp_path) -> None:
         assert asyncio.run(start_and_close()) > 10_000
     finally:
         gc.unfreeze()
+
+
+def test_provider_key_comes_from_the_secret_store(tmp_path) -> None:
+    from flywheel.providers.openai_compat import OpenAICompatibleProvider
+    from flywheel.security.secrets import SecretBox, SecretStore, load_master_key
+    from flywheel.store import Database
+
+    value = "sk-stored-provider-key-0123456789"
+    (tmp_path / "flywheel.yaml").write_text(
+        "providers:\n"
+        "  up: {type: openai, base_url: 'http://127.0.0.1:9/v1', api_key_secret: up-key}\n"
+        "models:\n  - {name: up-echo, provider: up}\n"
+    )
+    settings = Settings(
+        home=tmp_path, config_file=tmp_path / "flywheel.yaml", admin_key="fw-services-test"
+    )
+    db = Database(settings.resolved_database_url)
+    db.migrate()
+    store = SecretStore(db, SecretBox(load_master_key(tmp_path, None)))
+    store.set("default", "up-key", value)
+    db.dispose()
+
+    async def provider_headers() -> dict[str, str]:
+        services = Services.build(settings)
+        provider = services.providers.providers["up"]
+        assert isinstance(provider, OpenAICompatibleProvider)
+        await services.close()
+        return provider._headers
+
+    assert asyncio.run(provider_headers())["Authorization"] == f"Bearer {value}"
+    assert value.encode() not in (tmp_path / "flywheel.db").read_bytes()

@@ -394,3 +394,34 @@ def test_routes_page_lists_routes_and_catalog(page: Page, server: Server) -> Non
     expect(local).to_contain_text("local")
     expect(local).to_contain_text("Ready")
     screenshot(page, "ui-routes.png")
+
+
+def test_govern_pages_keys_audit_and_costs(page: Page, server: Server) -> None:
+    log_in(page, server, "/access")
+    expect(page.locator("h1")).to_have_text("Access")
+    name = f"browser key {int(time.time() * 1000)}"
+    page.fill("#key-form input[name=name]", name)
+    page.select_option("#key-form select[name=scope]", "read")
+    page.click("#key-form button[type=submit]")
+    expect(page.locator("#new-key")).to_contain_text(name)
+    raw = page.locator("#new-key code").inner_text()
+    assert raw.startswith("fw-")
+    row = page.locator(f"#keys-table tr[data-key='{name}']")
+    expect(row).to_contain_text("developer / read")
+    screenshot(page, "ui-access.png")
+
+    # Revoking asks first, then the key shows as revoked.
+    page.once("dialog", lambda dialog: dialog.accept())
+    row.locator("button", has_text="Revoke").click()
+    expect(page.locator(f"#keys-table tr[data-key='{name}']")).to_contain_text("revoked")
+
+    page.click("nav >> text=Audit log")
+    expect(page.locator("#audit-table tr[data-action='key.revoke']").first).to_be_visible()
+    page.click("#verify-chain")
+    expect(page.locator("#chain-status")).to_contain_text("Chain verified")
+    screenshot(page, "ui-audit.png")
+
+    page.click("nav >> text=Costs")
+    expect(page.locator("h1")).to_have_text("Costs")
+    expect(page.locator("#cost-forecast")).to_be_visible()
+    screenshot(page, "ui-costs.png")

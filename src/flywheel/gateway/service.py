@@ -180,6 +180,17 @@ class Gateway:
             )
             self._record(call, error=error)
             raise error from None
+        except Exception as exc:
+            # Budgets are a promise: without the limits store, refuse rather than overspend.
+            log.error("limits store unavailable: %s", exc)
+            error = GatewayError(
+                503,
+                "Flywheel cannot check this key's limits right now; retry shortly.",
+                code="limits_unavailable",
+                headers={"Retry-After": "1"},
+            )
+            self._record(call, error=error)
+            raise error from None
 
     async def _settle(self, call: _Call, usage: dict[str, Any] | None) -> None:
         """Replace the reservation with what the call used (nothing, if it failed)."""

@@ -258,7 +258,8 @@ async def login(request: Request) -> Response:
         actor=f"user:{username}" if username else address,
         action="login.failure",
         resource_type="user" if username else "api_key",
-        resource_id=username or (raw_key[:10] if raw_key else None),
+        # Only a key's public prefix: whatever else was typed may be a pasted password.
+        resource_id=username or (raw_key[:10] if raw_key.startswith("fw-") else None),
         after={"address": address},
     )
     return render(request, "login.html", {**context, "error": error}, status_code=401)
