@@ -156,3 +156,17 @@ def test_ui_post_without_csrf_token_is_refused(server: RunningServer) -> None:
         )
         assert response.status_code == 404  # past the CSRF check: the user does not exist
         assert "No user" in response.text
+
+
+def test_read_only_callers_change_nothing(server: RunningServer, callers: list[Caller]) -> None:
+    """Independent of the policy table: a viewer, or a key with the read scope, is refused
+    on every API route that is not a GET."""
+    readers = [c for c in callers if c.label in ("viewer/admin", "admin/read")]
+    assert len(readers) == 2
+    writes = [(m, p) for m, p in _app_routes() if p.startswith(UI_PREFIXES) and m != "GET"]
+    assert len(writes) > 10
+    with httpx.Client(base_url=server.base_url, timeout=60) as client:
+        for caller in readers:
+            for method, path in writes:
+                status = _api_status(client, method, path, caller.key)
+                assert status == 403, f"{method} {path} as {caller.label}: {status}"

@@ -198,6 +198,16 @@ class AccessService:
             user = session.get(User, user_id)
             return [] if user is None else self._memberships(session, user)
 
+    def _add_audited(self, record: Any, conflict: str, **audit: Any) -> None:
+        """Insert ``record`` and its audit entry in one transaction; a duplicate is a 409."""
+        try:
+            with self.db.session() as session:
+                session.add(record)
+                session.flush()
+                self.audit.record(session=session, **audit)
+        except IntegrityError:
+            raise AccessError(409, conflict, "conflict") from None
+
     # -- projects ----------------------------------------------------------------------------
 
     def create_project(
@@ -223,21 +233,16 @@ class AccessService:
             limits=limits,
             created_at=time.time(),
         )
-        try:
-            with self.db.session() as session:
-                session.add(project)
-                session.flush()
-                self.audit.record(
-                    actor=actor,
-                    action="project.create",
-                    resource_type="project",
-                    resource_id=name,
-                    project_id=name,
-                    after=project_to_dict(project),
-                    session=session,
-                )
-        except IntegrityError:
-            raise AccessError(409, f"Project '{name}' already exists.", "conflict") from None
+        self._add_audited(
+            project,
+            f"Project '{name}' already exists.",
+            actor=actor,
+            action="project.create",
+            resource_type="project",
+            resource_id=name,
+            project_id=name,
+            after=project_to_dict(project),
+        )
         self._project_ids = (0.0, frozenset())
         return project
 
@@ -308,20 +313,15 @@ class AccessService:
             is_admin=is_admin,
             created_at=time.time(),
         )
-        try:
-            with self.db.session() as session:
-                session.add(user)
-                session.flush()
-                self.audit.record(
-                    actor=actor,
-                    action="user.create",
-                    resource_type="user",
-                    resource_id=user.id,
-                    after=user_to_dict(user),
-                    session=session,
-                )
-        except IntegrityError:
-            raise AccessError(409, f"User '{username}' already exists.", "conflict") from None
+        self._add_audited(
+            user,
+            f"User '{username}' already exists.",
+            actor=actor,
+            action="user.create",
+            resource_type="user",
+            resource_id=user.id,
+            after=user_to_dict(user),
+        )
         return user
 
     @staticmethod
@@ -518,18 +518,16 @@ class AccessService:
             limits=limits,
             user_id=owner,
         )
-        with self.db.session() as session:
-            session.add(record)
-            session.flush()
-            self.audit.record(
-                actor=principal.actor,
-                action="key.create",
-                resource_type="api_key",
-                resource_id=record.id,
-                project_id=principal.project_id,
-                after=key_to_dict(record),
-                session=session,
-            )
+        self._add_audited(
+            record,
+            "A key with this value exists already.",
+            actor=principal.actor,
+            action="key.create",
+            resource_type="api_key",
+            resource_id=record.id,
+            project_id=principal.project_id,
+            after=key_to_dict(record),
+        )
         return raw, record
 
     def revoke_key(self, principal: Principal, key_id: str) -> ApiKey:
