@@ -52,6 +52,10 @@ models:
     provider: up
     upstream_name: echo
     pricing: {{input_per_mtok: 10000.0, output_per_mtok: 10000.0}}
+  - name: up-cut-pricey
+    provider: up
+    upstream_name: cut-stream
+    pricing: {{input_per_mtok: 10000.0, output_per_mtok: 10000.0}}
 routes:
   - name: default
     targets: [{{model: smollm2-135m-instruct}}]
@@ -92,6 +96,9 @@ routes:
     targets: [{{model: up-echo, weight: 3}}, {{model: up-echo-b, weight: 1}}]
   - name: pricey
     targets: [{{model: up-pricey}}]
+  - name: cut-pricey
+    targets: [{{model: up-cut-pricey}}]
+    retry: {{attempts: 0}}
   - name: production-echo
     production: true
     targets: [{{model: up-echo}}]

@@ -333,3 +333,22 @@ def _environ() -> dict[str, str]:
     import os
 
     return {k: v for k, v in os.environ.items() if not k.startswith("FLYWHEEL_")}
+
+
+def test_a_cut_stream_is_charged_its_reservation(server: RunningServer) -> None:
+    """The upstream drops the stream after two chunks, so no usage is reported. The call
+    produced output, so the budget is charged what was reserved for it (about $0.57: the
+    prompt's bytes plus max_tokens at $0.01 a token) rather than nothing."""
+    project, key = _project_with_key(server, f"cut-{_suffix()}")
+    with _admin(server) as admin:
+        limits = {"budget_usd": 1.0, "budget_period": "day"}
+        assert admin.patch(f"/api/projects/{project}", json={"limits": limits}).is_success
+    body = {**CHAT, "model": "cut-pricey", "max_tokens": 8, "stream": True}
+    with _key_client(server, key) as client:
+        with client.stream("POST", "/v1/chat/completions", json=body) as response:
+            assert response.status_code == 200
+            events = "".join(response.iter_text())
+        assert "stream_interrupted" in events
+        again = client.post("/v1/chat/completions", json=body)
+        assert again.status_code == 429, again.text
+        assert again.json()["error"]["code"] == "insufficient_quota"

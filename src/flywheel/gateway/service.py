@@ -6,10 +6,10 @@ import asyncio
 import base64
 import json
 import logging
-import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from math import ceil
 from typing import Any, TypeVar
 
 import numpy as np
@@ -59,6 +59,8 @@ class _Call:
     model: CatalogModel | None = None
     ttft_ms: float | None = None
     reservation: Reservation | None = None
+    # The usage reserved at admission; charged when a call produced output but no usage.
+    estimate: dict[str, int] | None = None
 
 
 def _has_content(chunk: dict[str, Any]) -> bool:
@@ -135,8 +137,8 @@ class Gateway:
 
     def _estimate(
         self, route: RouteConfig, request: ChatCompletionRequest | EmbeddingRequest
-    ) -> tuple[int, float]:
-        """An upper bound of the call's tokens and cost, reserved until it settles: UTF-8
+    ) -> tuple[dict[str, int], float]:
+        """An upper bound of the call's usage and cost, reserved until it settles: UTF-8
         bytes bound the prompt's tokens, and the output is bounded by ``max_tokens`` (else
         the model's context length), priced at the dearest model the route may use."""
         models = self._route_models(route)
@@ -152,7 +154,12 @@ class Gateway:
             if not completion:
                 completion = max(m.context_length or DEFAULT_MAX_OUTPUT_TOKENS for m in models)
         cost = max(m.pricing.cost(prompt, completion) for m in models)
-        return prompt + completion, cost
+        usage = {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+        }
+        return usage, cost
 
     async def _admit(
         self,
@@ -163,23 +170,20 @@ class Gateway:
         """Reserve against the caller's limits and budgets; a refusal is traced, then a 429."""
         if self.limiter is None or not call.ctx.limit_subjects:
             return
-        tokens, cost = self._estimate(route, request)
+        call.estimate, cost = self._estimate(route, request)
         try:
-            call.reservation = await self.limiter.acquire(call.ctx.limit_subjects, tokens, cost)
-        except LimitExceeded as exc:
-            headers = (
-                {"Retry-After": str(max(1, math.ceil(exc.retry_after)))}
-                if exc.retry_after is not None
-                else {}
+            call.reservation = await self.limiter.acquire(
+                call.ctx.limit_subjects, call.estimate["total_tokens"], cost
             )
+            return
+        except LimitExceeded as exc:
+            wait = exc.retry_after
             error = GatewayError(
                 429,
                 exc.message,
                 code="insufficient_quota" if exc.kind == "budget" else "rate_limit_exceeded",
-                headers=headers,
+                headers={} if wait is None else {"Retry-After": str(max(1, ceil(wait)))},
             )
-            self._record(call, error=error)
-            raise error from None
         except Exception as exc:
             # Budgets are a promise: without the limits store, refuse rather than overspend.
             log.error("limits store unavailable: %s", exc)
@@ -189,11 +193,12 @@ class Gateway:
                 code="limits_unavailable",
                 headers={"Retry-After": "1"},
             )
-            self._record(call, error=error)
-            raise error from None
+        self._record(call, error=error)
+        raise error
 
     async def _settle(self, call: _Call, usage: dict[str, Any] | None) -> None:
-        """Replace the reservation with what the call used (nothing, if it failed)."""
+        """Replace the reservation with what the call used: ``None`` releases it (the call
+        failed before any output); output without reported usage is charged the estimate."""
         reservation, call.reservation = call.reservation, None
         if reservation is None or self.limiter is None:
             return
@@ -201,6 +206,7 @@ class Gateway:
             if usage is None:
                 await self.limiter.release(reservation)
                 return
+            usage = usage or call.estimate or {}
             tokens = int(usage.get("total_tokens") or 0) or int(
                 (usage.get("prompt_tokens") or 0) + (usage.get("completion_tokens") or 0)
             )
@@ -272,17 +278,24 @@ class Gateway:
             async with asyncio.timeout(step.timeout):
                 return await method(provider)(step.model, body, step.timeout)
 
-        try:
-            response = await self._run(call, route, attempt)
-        except GatewayError as exc:
-            await self._settle(call, None)
-            self._record(call, error=exc)
-            raise
-        except BaseException:
-            await self._settle(call, None)
-            raise
+        response = await self._run_admitted(call, route, attempt)
         await self._settle(call, response.get("usage") or {})
         return response
+
+    async def _run_admitted(
+        self,
+        call: _Call,
+        route: RouteConfig,
+        attempt: Callable[[Provider, Step], Awaitable[T]],
+    ) -> T:
+        """:meth:`_run` for an admitted call: a failure frees its reservation and is traced."""
+        try:
+            return await self._run(call, route, attempt)
+        except BaseException as exc:
+            await self._settle(call, None)
+            if isinstance(exc, GatewayError):
+                self._record(call, error=exc)
+            raise
 
     @staticmethod
     def _attempt(step: Step, started: float, error: ProviderError | None) -> dict[str, Any]:
@@ -346,15 +359,7 @@ class Gateway:
                 raise
             return chunks, buffered
 
-        try:
-            chunks, buffered = await self._run(call, route, attempt)
-        except GatewayError as exc:
-            await self._settle(call, None)
-            self._record(call, error=exc)
-            raise
-        except BaseException:
-            await self._settle(call, None)
-            raise
+        chunks, buffered = await self._run_admitted(call, route, attempt)
         call.ttft_ms = (time.perf_counter() - call.perf_start) * 1000
         return self._relay(call, chunks, buffered, include_usage)
 
@@ -415,8 +420,8 @@ class Gateway:
             raise
         finally:
             await chunks.aclose()  # type: ignore[attr-defined]
-            # A stream that produced tokens is charged for them, even when cut or cancelled.
-            await self._settle(call, usage if usage or text else None)
+            # A stream that produced output is charged, even when cut or cancelled.
+            await self._settle(call, usage if usage or any(text) else None)
             output = None
             if self.capture_content:
                 output = {
