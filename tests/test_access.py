@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import secrets
 import sqlite3
 import subprocess
@@ -330,8 +331,6 @@ def test_audit_log_verifies_then_detects_an_edited_row(server: RunningServer, tm
 
 
 def _environ() -> dict[str, str]:
-    import os
-
     return {k: v for k, v in os.environ.items() if not k.startswith("FLYWHEEL_")}
 
 

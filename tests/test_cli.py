@@ -74,3 +74,28 @@ def test_keys_create_works_on_the_local_database(tmp_path: Path) -> None:
     )
     assert "ci" in listing.stdout and key not in listing.stdout  # only the prefix is shown
     assert key.encode() not in (tmp_path / "flywheel.db").read_bytes()  # stored hashed
+
+
+def test_projects_users_and_project_keys_on_the_local_database(tmp_path: Path) -> None:
+    env = {
+        **os.environ,
+        "FLYWHEEL_HOME": str(tmp_path),
+        "FLYWHEEL_NEW_PASSWORD": "a long enough password",
+        "COLUMNS": "200",
+    }
+
+    def flywheel(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([FLYWHEEL, *args], capture_output=True, text=True, env=env)
+
+    assert flywheel("projects", "create", "demo").returncode == 0
+    assert flywheel("users", "create", "dana").returncode == 0
+    assert flywheel("users", "grant", "dana", "demo", "developer").returncode == 0
+    created = flywheel("keys", "create", "--project", "demo", "--role", "viewer", "--allow", "x")
+    assert created.returncode == 0, created.stderr
+    listing = flywheel("keys", "list").stdout
+    assert "demo" in listing and "viewer" in listing
+    assert "demo" in flywheel("projects", "list").stdout
+    missing = flywheel("users", "grant", "dana", "nope", "viewer")
+    assert missing.returncode == 1 and "No project 'nope'" in missing.stderr
+    verified = flywheel("audit", "verify")
+    assert verified.returncode == 0 and "4 entries" in verified.stdout

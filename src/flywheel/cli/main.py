@@ -229,10 +229,22 @@ def _local_access() -> Any:
     return AccessService(db, keys, AuditLog(db))
 
 
-def _operator() -> str:
+def _operator(project: str = "default") -> Any:
+    """The person at the terminal: an instance admin of the local database, acting in
+    ``project``; audited as ``user:<login name>``."""
     import getpass
 
-    return f"cli:{getpass.getuser()}"
+    from flywheel.security.rbac import ALL_PERMISSIONS, Principal
+
+    return Principal(
+        kind="user",
+        id="cli",
+        name=getpass.getuser(),
+        project_id=project,
+        role="admin",
+        permissions=ALL_PERMISSIONS,
+        instance_admin=True,
+    )
 
 
 def _access_call(function: Any, *args: Any, **kwargs: Any) -> Any:
@@ -258,25 +270,14 @@ def keys_create(
     expires_days: Annotated[float | None, typer.Option(help="Expire after N days.")] = None,
 ) -> None:
     """Create an API key in the local database and print it once."""
-    from flywheel.security.rbac import ALL_PERMISSIONS, Principal
-
     access = _local_access()
     if project is None:
         raw, record = access.keys.create(name)
     else:
-        operator = Principal(
-            kind="user",
-            id="cli",
-            name=_operator().removeprefix("cli:"),
-            project_id=project,
-            role="admin",
-            permissions=ALL_PERMISSIONS,
-            instance_admin=True,
-        )
         _access_call(access.get_project, project)
         raw, record = _access_call(
             access.create_key,
-            operator,
+            _operator(project),
             name,
             role=role,
             scope=scope,
@@ -318,14 +319,11 @@ def keys_list() -> None:
 @projects_app.command("list")
 def projects_list() -> None:
     """List projects."""
-    from flywheel.security.rbac import ALL_PERMISSIONS, Principal
-
     access = _local_access()
-    everyone = Principal("user", "cli", "cli", "default", "admin", ALL_PERMISSIONS, True)
     table = Table(title="Projects", header_style="bold")
     for column in ("name", "description", "limits", "created"):
         table.add_column(column)
-    for project in access.list_projects(everyone):
+    for project in access.list_projects(_operator()):
         limits = ", ".join(f"{k}={v}" for k, v in (project.limits or {}).items())
         table.add_row(project.name, project.description, limits, _when(project.created_at))
     console.print(table)
@@ -338,7 +336,7 @@ def projects_create(
 ) -> None:
     """Create a project."""
     access = _local_access()
-    _access_call(access.create_project, name, _operator(), description)
+    _access_call(access.create_project, name, _operator().actor, description)
     console.print(f"Created project [bold]{name}[/].")
 
 
@@ -355,7 +353,7 @@ def users_create(
     access = _local_access()
     if password is None:
         password = typer.prompt("Password", hide_input=True, confirmation_prompt=True)
-    user = _access_call(access.create_user, username, password, _operator(), admin)
+    user = _access_call(access.create_user, username, password, _operator().actor, admin)
     console.print(f"Created user [bold]{user.username}[/] ({user.id}).")
 
 
@@ -368,7 +366,7 @@ def users_grant(
     """Give a user a role in a project (or change it)."""
     access = _local_access()
     user = _access_call(access.find_user, username)
-    _access_call(access.set_member, project, user.id, role, _operator())
+    _access_call(access.set_member, project, user.id, role, _operator().actor)
     console.print(f"[bold]{user.username}[/] is now {role} in project [bold]{project}[/].")
 
 

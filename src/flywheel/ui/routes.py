@@ -23,6 +23,7 @@ from fastapi.templating import Jinja2Templates
 from flywheel import __version__
 from flywheel.security import Principal
 from flywheel.server.http import services
+from flywheel.server.services import Services
 from flywheel.tracing import TraceFilter
 from flywheel.ui import present
 from flywheel.ui.assets import STATIC_DIR, missing_vendor_files
@@ -100,7 +101,9 @@ def install(app: FastAPI) -> None:
     async def forbidden(request: Request, exc: Exception) -> Response:
         if isinstance(exc, Forbidden):
             request.state.principal = exc.principal
-            context = {"permission": str(exc.permission), "problem": "permission"}
+            # A route without a policy is refused to everyone: say so, not which permission.
+            problem = "permission" if exc.permission is not None else "policy"
+            context = {"permission": str(exc.permission), "problem": problem}
         else:
             context = {"permission": "", "problem": "csrf"}
         return render(request, "forbidden.html", context, status_code=403)
@@ -189,6 +192,18 @@ def _client(request: Request) -> str:
     return f"ip:{request.client.host if request.client else '?'}"
 
 
+def _audit_login(
+    svc: Services, actor: str, kind: str, resource_id: str, project_id: str | None = None
+) -> None:
+    svc.audit.record(
+        actor=actor,
+        action="login.success",
+        resource_type=kind,
+        resource_id=resource_id,
+        project_id=project_id,
+    )
+
+
 @router.post("/login")
 async def login(request: Request) -> Response:
     """Log in with a username and password, or with an API key; the session stores ids only.
@@ -224,13 +239,7 @@ async def login(request: Request) -> Response:
     if username and password and len(password) <= 1024:
         user = await run_in_threadpool(svc.access.authenticate, username, password)
         if user is not None:
-            await run_in_threadpool(
-                svc.audit.record,
-                actor=f"user:{user.username}",
-                action="login.success",
-                resource_type="user",
-                resource_id=user.id,
-            )
+            await run_in_threadpool(_audit_login, svc, f"user:{user.username}", "user", user.id)
             start_session(request, response, user_id=user.id)
             return response
         error = "That username and password do not match an active user."
@@ -238,12 +247,7 @@ async def login(request: Request) -> Response:
         key = await run_in_threadpool(svc.keys.verify, raw_key)
         if key is not None:
             await run_in_threadpool(
-                svc.audit.record,
-                actor=f"key:{key.name}",
-                action="login.success",
-                resource_type="api_key",
-                resource_id=key.id,
-                project_id=key.project_id,
+                _audit_login, svc, f"key:{key.name}", "api_key", key.id, key.project_id
             )
             start_session(request, response, key_id=key.id)
             return response

@@ -39,7 +39,7 @@ class LoginRequired(Exception):
 class Forbidden(Exception):
     """Raised when the logged-in principal lacks the page's permission."""
 
-    def __init__(self, principal: Principal, permission: Permission) -> None:
+    def __init__(self, principal: Principal, permission: Permission | None) -> None:
         super().__init__(str(permission))
         self.principal = principal
         self.permission = permission
@@ -138,7 +138,7 @@ async def ui_authorize(request: Request) -> Principal:
     route = request.scope.get("route")
     permission = required_permission(request.method, getattr(route, "path", ""))
     if permission is None or not principal.can(permission):
-        raise Forbidden(principal, permission or Permission.PROJECTS_MANAGE)
+        raise Forbidden(principal, permission)
     if request.method not in ("GET", "HEAD"):
         await check_csrf(request)
     request.state.principal = principal

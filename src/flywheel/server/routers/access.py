@@ -261,6 +261,20 @@ def _secret_call(function: Any, *args: Any) -> Any:
         raise access_error(AccessError(400, str(exc), "invalid_value")) from None
 
 
+async def _audit_secret(request: Request, action: str, name: str, after: Any = None) -> None:
+    caller = principal(request)
+    await run_in_threadpool(
+        lambda: services(request).audit.record(
+            actor=caller.actor,
+            action=action,
+            resource_type="secret",
+            resource_id=name,
+            project_id=caller.project_id,
+            after=after,
+        )
+    )
+
+
 @router.get("/secrets")
 async def list_secrets(request: Request) -> Any:
     """The project's secrets: names and dates only; values are never returned."""
@@ -276,16 +290,7 @@ async def set_secret(name: str, request: Request) -> Any:
     info = await run_in_threadpool(
         _secret_call, svc.secrets.set, caller.project_id, name, body.value, caller.actor
     )
-    await run_in_threadpool(
-        lambda: svc.audit.record(
-            actor=caller.actor,
-            action="secret.set",
-            resource_type="secret",
-            resource_id=name,
-            project_id=caller.project_id,
-            after=info.to_dict(),
-        )
-    )
+    await _audit_secret(request, "secret.set", name, info.to_dict())
     return info.to_dict()
 
 
@@ -294,15 +299,7 @@ async def delete_secret(name: str, request: Request) -> Any:
     svc, caller = services(request), principal(request)
     if not await run_in_threadpool(svc.secrets.delete, caller.project_id, name):
         raise access_error(AccessError(404, f"No secret '{name}'.", "secret_not_found"))
-    await run_in_threadpool(
-        lambda: svc.audit.record(
-            actor=caller.actor,
-            action="secret.delete",
-            resource_type="secret",
-            resource_id=name,
-            project_id=caller.project_id,
-        )
-    )
+    await _audit_secret(request, "secret.delete", name)
     return {"deleted": True}
 
 
