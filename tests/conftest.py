@@ -102,6 +102,8 @@ routes:
   - name: production-echo
     production: true
     targets: [{{model: up-echo}}]
+  - name: greeter-route
+    targets: [{{prompt: "greeter@staging"}}]
 """
 
 

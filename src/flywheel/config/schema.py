@@ -86,12 +86,30 @@ class RetryPolicy(_Strict):
     on: list[FallbackTrigger] = Field(default_factory=lambda: list(RETRY_ON))
 
 
-class RouteTarget(_Strict):
-    """One target of a route; ``weight`` balances load between the targets."""
+PromptRef = Annotated[
+    str,
+    Field(
+        max_length=200,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*(@[A-Za-z0-9_-]+)?$",
+        description="NAME@LABEL or NAME@VERSION: a prompt of the caller's project.",
+    ),
+]
 
-    model: Name
+
+class RouteTarget(_Strict):
+    """One target of a route: a catalog model, or a prompt version (rendered with the
+    request's ``variables``, then sent to the prompt's model). ``weight`` balances load."""
+
+    model: Name | None = None
+    prompt: PromptRef | None = None
     weight: float = Field(default=1.0, gt=0)
     timeout: float | None = Field(default=None, gt=0, description="Seconds; default: the route's.")
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> RouteTarget:
+        if (self.model is None) == (self.prompt is None):
+            raise ValueError("a target names either a model or a prompt")
+        return self
 
 
 class RouteConfig(_Strict):
@@ -107,6 +125,23 @@ class RouteConfig(_Strict):
     production: bool = Field(
         default=False, description="Production routes may only target approved models."
     )
+
+    @property
+    def prompt_targets(self) -> bool:
+        return any(t.prompt is not None for t in self.targets)
+
+    @model_validator(mode="after")
+    def _prompts_alone(self) -> RouteConfig:
+        # A prompt target picks its own model (and that model's fallbacks), so it cannot
+        # share a route with model targets or fallbacks.
+        if self.prompt_targets and (
+            any(t.model is not None for t in self.targets) or self.fallbacks
+        ):
+            raise ValueError(
+                "a route's targets are all prompts or all models; prompt routes have no "
+                "fallbacks (each prompt's model has its own)"
+            )
+        return self
 
 
 class FlywheelConfig(_Strict):
@@ -132,7 +167,9 @@ class FlywheelConfig(_Strict):
                 errors.append((("routes", i, "name"), f"name '{route.name}' is already used"))
             route_names.add(route.name)
             refs: list[tuple[tuple[str | int, ...], str]] = [
-                (("routes", i, "targets", j, "model"), t.model) for j, t in enumerate(route.targets)
+                (("routes", i, "targets", j, "model"), t.model)
+                for j, t in enumerate(route.targets)
+                if t.model is not None
             ]
             refs += [
                 (("routes", i, "fallbacks", j), name) for j, name in enumerate(route.fallbacks)

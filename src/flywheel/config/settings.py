@@ -67,6 +67,10 @@ class Settings(BaseSettings):
         default=False, description="uvicorn access log (traces record every call)."
     )
     cookie_secure: bool = Field(default=True, description="Mark the UI session cookie Secure.")
+    approval_labels: list[str] = Field(
+        default_factory=lambda: ["production"],
+        description="Labels that move only through an approved request (JSON list).",
+    )
 
     @property
     def home_dir(self) -> Path:

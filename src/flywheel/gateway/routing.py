@@ -47,12 +47,20 @@ class RouteTable:
                     code="model_blocked",
                 )
             route = RouteConfig(name=name, targets=[RouteTarget(model=name)])
-        first = self.models[route.targets[0].model]
+        if route.prompt_targets:
+            raise GatewayError(
+                400, f"'{name}' routes to prompts; it cannot be used here", param="model"
+            )
+        first = self.models[route.targets[0].model or ""]
         if first.kind != kind:
             raise GatewayError(
                 400, f"'{name}' is a {first.kind} model, not a {kind} model", param="model"
             )
         return route
+
+    def pick(self, route: RouteConfig) -> RouteTarget:
+        """One target, drawn by weight (how a prompt route picks its prompt version)."""
+        return self._rng.choices(route.targets, weights=[t.weight for t in route.targets])[0]
 
     def plan(self, route: RouteConfig) -> list[Step]:
         """A weighted pick of the primary target, then the other targets by weight, then the
@@ -66,7 +74,7 @@ class RouteTable:
         steps: list[Step] = []
         seen: set[str] = set()
         for target in ordered:
-            if target.model not in seen:
+            if target.model is not None and target.model not in seen:
                 seen.add(target.model)
                 steps.append(Step(self.models[target.model], target.timeout or route.timeout))
         for name in route.fallbacks:

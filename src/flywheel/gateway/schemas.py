@@ -11,6 +11,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+PROMPT_PREFIX = "prompt:"
+
 
 class _OpenAIBody(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True)
@@ -28,7 +30,10 @@ class ChatMessage(_OpenAIBody):
 
 class ChatCompletionRequest(_OpenAIBody):
     model: str = Field(min_length=1, max_length=256)
-    messages: list[ChatMessage] = Field(min_length=1)
+    # May be empty when ``model`` is a prompt (or a prompt route): its template supplies them.
+    messages: list[ChatMessage] = Field(default_factory=list)
+    # Flywheel's extension: the variables of a prompt target (``extra_body`` in the SDK).
+    variables: dict[str, Any] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     max_tokens: int | None = Field(default=None, ge=1)
@@ -45,7 +50,7 @@ class ChatCompletionRequest(_OpenAIBody):
     @cached_property
     def params(self) -> dict[str, Any]:
         """Everything but ``model``, as received: dumped once per request (hot path)."""
-        return self.model_dump(exclude_none=True, exclude={"model"})
+        return self.model_dump(exclude_none=True, exclude={"model", "variables"})
 
     def upstream_body(self, model_name: str) -> dict[str, Any]:
         """The body to send a target: as received, with the target's own model name."""

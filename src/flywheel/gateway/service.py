@@ -10,15 +10,16 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from math import ceil
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
 from flywheel.config import CatalogModel, FlywheelConfig, RouteConfig
+from flywheel.errors import ServiceError
 from flywheel.gateway.errors import GatewayError, from_provider_error
 from flywheel.gateway.limits import BudgetAlert, Limiter, LimitExceeded, Reservation, Subject
 from flywheel.gateway.routing import RouteTable, Step
-from flywheel.gateway.schemas import ChatCompletionRequest, EmbeddingRequest
+from flywheel.gateway.schemas import PROMPT_PREFIX, ChatCompletionRequest, EmbeddingRequest
 from flywheel.providers import InvalidRequest, Provider, ProviderError, ProviderRegistry
 from flywheel.tracing import TraceWriter, new_span_id, new_trace_id
 
@@ -29,6 +30,26 @@ AlertHandler = Callable[[BudgetAlert], Awaitable[None]]
 # Reserved against budgets and tpm when a request sets no max_tokens and its model no context
 # length: reservations must bound what a call can cost (docs: "Budgets and limits").
 DEFAULT_MAX_OUTPUT_TOKENS = 4096
+DEFAULT_ROUTE = "default"
+
+
+class PromptVersion(Protocol):
+    """What the gateway needs of a prompt version (``flywheel.prompts.VersionView``)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def version(self) -> int: ...
+    @property
+    def model(self) -> str | None: ...
+    @property
+    def params(self) -> dict[str, Any]: ...
+
+    def render(self, variables: dict[str, Any]) -> list[dict[str, str]]: ...
+
+
+# (project_id, "NAME@LABEL" | "NAME@VERSION" | "NAME") -> the version; raises ServiceError.
+PromptResolver = Callable[[str, str], PromptVersion]
 
 
 @dataclass
@@ -61,6 +82,9 @@ class _Call:
     reservation: Reservation | None = None
     # The usage reserved at admission; charged when a call produced output but no usage.
     estimate: dict[str, int] | None = None
+    # A prompt call resolves to its version's model; ``route`` keeps what the caller asked.
+    resolve_as: str | None = None
+    attributes: dict[str, Any] | None = None
 
 
 def _has_content(chunk: dict[str, Any]) -> bool:
@@ -88,6 +112,7 @@ class Gateway:
         routes: RouteTable | None = None,
         limiter: Limiter | None = None,
         on_budget_alert: AlertHandler | None = None,
+        prompts: PromptResolver | None = None,
     ) -> None:
         self.config = config
         self.providers = providers
@@ -96,6 +121,7 @@ class Gateway:
         self.routes = routes or RouteTable(config)
         self.limiter = limiter
         self.on_budget_alert = on_budget_alert
+        self.prompts = prompts
 
     # -- discovery -------------------------------------------------------------------------
 
@@ -113,9 +139,10 @@ class Gateway:
         return out
 
     def _resolve(self, call: _Call, kind: str) -> RouteConfig:
+        name = call.resolve_as or call.route
         try:
             allowed = call.ctx.allowed_models
-            if allowed is not None and call.route not in allowed:
+            if allowed is not None and call.route not in allowed and name not in allowed:
                 raise GatewayError(
                     403,
                     f"This API key may not call '{call.route}'; it may call: "
@@ -124,15 +151,92 @@ class Gateway:
                     code="model_not_allowed",
                     type="permission_error",
                 )
-            return self.routes.resolve(call.route, kind)
+            route = self.routes.resolve(name, kind)
+            if call.resolve_as is not None:
+                self._check_prompt_model(call, route)
+            return route
         except GatewayError as exc:
             self._record(call, error=exc)
             raise
 
+    def _check_prompt_model(self, call: _Call, route: RouteConfig) -> None:
+        """A production route's prompt may only send its traffic to approved models."""
+        requested = self.routes.routes.get(call.route)
+        if requested is None or not requested.production:
+            return
+        for model in self._route_models(route):
+            if model.status != "approved":
+                raise GatewayError(
+                    403,
+                    f"Production route '{call.route}' may only use approved models; its prompt "
+                    f"uses '{model.name}', which is {model.status}.",
+                    param="model",
+                    code="model_not_approved",
+                )
+
+    # -- prompts -----------------------------------------------------------------------------
+
+    def _prompt_ref(self, model: str) -> str | None:
+        if model.startswith(PROMPT_PREFIX):
+            return model[len(PROMPT_PREFIX) :]
+        route = self.routes.routes.get(model)
+        if route is not None and route.prompt_targets:
+            return self.routes.pick(route).prompt
+        return None
+
+    async def _expand_prompt(
+        self, call: _Call, request: ChatCompletionRequest
+    ) -> ChatCompletionRequest:
+        """Render a prompt target into a plain request for its model: the version's messages
+        then the caller's, the version's parameters overridden by the caller's."""
+        ref = self._prompt_ref(request.model)
+        if ref is None:
+            if not request.messages:
+                raise GatewayError(
+                    400,
+                    "Invalid value for 'messages': at least one message is needed.",
+                    param="messages",
+                    code="invalid_value",
+                )
+            return request
+        try:
+            if self.prompts is None:
+                raise GatewayError(400, "Prompts are not available here.", param="model")
+            try:
+                version = await asyncio.to_thread(self.prompts, call.ctx.project_id or "", ref)
+                messages = version.render(request.variables or {})
+            except ServiceError as exc:
+                raise GatewayError(
+                    exc.status_code,
+                    exc.message,
+                    param="variables" if exc.status_code == 400 else "model",
+                    code=exc.code,
+                ) from None
+            target = version.model or DEFAULT_ROUTE
+            if target.startswith(PROMPT_PREFIX):
+                raise GatewayError(400, "A prompt's model cannot be a prompt.", param="model")
+            params = dict(request.params)
+            params["messages"] = [*messages, *params.get("messages", [])]
+            expanded = ChatCompletionRequest.model_validate(
+                {**version.params, **params, "model": target}
+            )
+        except GatewayError as exc:
+            self._record(call, error=exc)
+            raise
+        call.resolve_as = target
+        call.attributes = {
+            "flywheel.prompt.name": version.name,
+            "flywheel.prompt.version": version.version,
+            "flywheel.prompt.ref": ref,
+        }
+        if self.capture_content:
+            call.input = {**expanded.params, "variables": request.variables or {}}
+        return expanded
+
     # -- limits and budgets ----------------------------------------------------------------
 
     def _route_models(self, route: RouteConfig) -> list[CatalogModel]:
-        names = [t.model for t in route.targets] + list(route.fallbacks)
+        names = [t.model for t in route.targets if t.model] + list(route.fallbacks)
         return [self.routes.models[name] for name in names]
 
     def _estimate(
@@ -317,6 +421,7 @@ class Gateway:
     async def chat(self, request: ChatCompletionRequest, ctx: CallContext) -> dict[str, Any]:
         """A non-streamed completion."""
         call = _Call(ctx, "gateway.chat", request.model, False, self._chat_input(request))
+        request = await self._expand_prompt(call, request)
         response = await self._unary(call, "chat", request, lambda p: p.chat)
         usage = response.get("usage") or {}
         output = None
@@ -337,6 +442,7 @@ class Gateway:
         before that falls back; the returned iterator then yields SSE bytes. An error after
         the first token ends the stream with an OpenAI-style error event."""
         call = _Call(ctx, "gateway.chat", request.model, True, self._chat_input(request))
+        request = await self._expand_prompt(call, request)
         route = self._resolve(call, "chat")
         await self._admit(call, route, request)
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
@@ -502,6 +608,7 @@ class Gateway:
                 "attempts": call.attempts,
                 "api_key_id": call.ctx.api_key_id,
                 "project_id": call.ctx.project_id,
+                "attributes": call.attributes,
             }
         )
 

@@ -18,6 +18,7 @@ from argon2.exceptions import InvalidHashError, VerificationError
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
+from flywheel.errors import ServiceError
 from flywheel.security.audit import AuditLog
 from flywheel.security.keys import ApiKeyStore, AuthenticatedKey, key_to_dict
 from flywheel.security.rbac import (
@@ -35,17 +36,8 @@ USERNAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,99}$")
 MIN_PASSWORD_LENGTH = 10
 
 
-class AccessError(Exception):
-    """A refused access operation; ``status_code`` is the HTTP status the edges answer."""
-
-    def __init__(
-        self, status_code: int, message: str, code: str | None = None, param: str | None = None
-    ) -> None:
-        super().__init__(message)
-        self.status_code = status_code
-        self.message = message
-        self.code = code
-        self.param = param
+class AccessError(ServiceError):
+    """A refused access operation."""
 
 
 def project_to_dict(project: Project) -> dict[str, Any]:

@@ -25,6 +25,9 @@ class Permission(StrEnum):
     FEEDBACK_WRITE = "feedback:write"
     CONFIG_READ = "config:read"
     COSTS_READ = "costs:read"
+    PROMPTS_READ = "prompts:read"
+    PROMPTS_WRITE = "prompts:write"
+    CONFIG_WRITE = "config:write"
     APPROVALS_READ = "approvals:read"
     APPROVALS_REQUEST = "approvals:request"
     APPROVALS_DECIDE = "approvals:decide"
@@ -42,16 +45,27 @@ ROLES: tuple[Role, ...] = ("viewer", "reviewer", "developer", "admin")
 SCOPES: tuple[Scope, ...] = ("gateway", "feedback", "read", "admin")
 
 P = Permission
-READ = frozenset({P.AUTHENTICATED, P.TRACES_READ, P.CONFIG_READ, P.COSTS_READ, P.APPROVALS_READ})
+READ = frozenset(
+    {
+        P.AUTHENTICATED,
+        P.TRACES_READ,
+        P.CONFIG_READ,
+        P.COSTS_READ,
+        P.PROMPTS_READ,
+        P.APPROVALS_READ,
+    }
+)
 ROLE_PERMISSIONS: dict[str, frozenset[Permission]] = {
     "viewer": READ,
     "reviewer": READ | {P.APPROVALS_DECIDE, P.FEEDBACK_WRITE},
-    "developer": READ | {P.GATEWAY_CALL, P.TRACES_WRITE, P.FEEDBACK_WRITE, P.APPROVALS_REQUEST},
+    "developer": READ
+    | {P.GATEWAY_CALL, P.TRACES_WRITE, P.FEEDBACK_WRITE, P.PROMPTS_WRITE, P.APPROVALS_REQUEST},
     "admin": READ
     | {
         P.GATEWAY_CALL,
         P.TRACES_WRITE,
         P.FEEDBACK_WRITE,
+        P.PROMPTS_WRITE,
         P.APPROVALS_REQUEST,
         P.APPROVALS_DECIDE,
         P.KEYS_MANAGE,
@@ -60,11 +74,12 @@ ROLE_PERMISSIONS: dict[str, frozenset[Permission]] = {
         P.AUDIT_READ,
     },
 }
-INSTANCE_ONLY = frozenset({P.PROJECTS_MANAGE, P.USERS_MANAGE})
+# The catalog and routes serve every project, so changing them is for instance admins.
+INSTANCE_ONLY = frozenset({P.PROJECTS_MANAGE, P.USERS_MANAGE, P.CONFIG_WRITE})
 ALL_PERMISSIONS = frozenset(Permission) - {P.PUBLIC}
 SCOPE_PERMISSIONS: dict[str, frozenset[Permission]] = {
-    # What an application needs: the gateway, and its own spans from the SDK.
-    "gateway": frozenset({P.AUTHENTICATED, P.GATEWAY_CALL, P.TRACES_WRITE}),
+    # What an application needs: the gateway, its prompts, and its own spans from the SDK.
+    "gateway": frozenset({P.AUTHENTICATED, P.GATEWAY_CALL, P.PROMPTS_READ, P.TRACES_WRITE}),
     "feedback": frozenset({P.AUTHENTICATED, P.FEEDBACK_WRITE}),
     "read": READ,
     "admin": ALL_PERMISSIONS,
@@ -106,6 +121,12 @@ class Principal:
     def actor(self) -> str:
         """How the audit log names this principal."""
         return f"{self.kind}:{self.name}"
+
+    @property
+    def identity(self) -> str:
+        """The person or key behind the call, for four-eyes checks: a user's keys and their
+        UI sessions are the same identity."""
+        return f"user:{self.user_id}" if self.user_id else f"key:{self.key_id or self.id}"
 
     def can(self, permission: Permission) -> bool:
         if permission is Permission.PUBLIC:

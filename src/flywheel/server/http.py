@@ -8,8 +8,10 @@ from collections.abc import Sequence
 from typing import Any, TypeVar
 
 from fastapi import Request
+from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ValidationError
 
+from flywheel.errors import ServiceError
 from flywheel.gateway import GatewayError
 from flywheel.gateway.limits import Limits, Subject
 from flywheel.security import AccessError, AuthenticatedKey, Permission, Principal
@@ -41,8 +43,9 @@ def validation_error(errors: Sequence[Any]) -> GatewayError:
     )
 
 
-async def read_json(request: Request, model: type[M]) -> M:
-    """Parse and validate a JSON body, refusing bodies over the configured size."""
+async def read_json(request: Request, model: type[M], *, optional: bool = False) -> M:
+    """Parse and validate a JSON body, refusing bodies over the configured size; with
+    ``optional``, an empty body means ``{}``."""
     limit = services(request).settings.max_body_bytes
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
@@ -56,6 +59,8 @@ async def read_json(request: Request, model: type[M]) -> M:
             raise GatewayError(
                 413, f"Request body is larger than {limit} bytes.", code="body_too_large"
             )
+    if optional and not body.strip():
+        body = bytearray(b"{}")
     try:
         data: Any = json.loads(body)
     except ValueError as exc:
@@ -70,11 +75,19 @@ async def read_json(request: Request, model: type[M]) -> M:
         raise validation_error(exc.errors()) from None
 
 
+async def call_service(function: Any, *args: Any, **kwargs: Any) -> Any:
+    """Run a service operation off the event loop; its refusals become OpenAI-style errors."""
+    try:
+        return await run_in_threadpool(function, *args, **kwargs)
+    except ServiceError as exc:
+        raise service_error(exc) from None
+
+
 PROJECT_HEADER = "x-flywheel-project"
 
 
-def access_error(exc: AccessError) -> GatewayError:
-    """An access refusal in the OpenAI error shape."""
+def service_error(exc: ServiceError) -> GatewayError:
+    """A service's refusal in the OpenAI error shape."""
     kind = {401: "authentication_error", 403: "permission_error"}.get(
         exc.status_code, "invalid_request_error"
     )
@@ -117,7 +130,7 @@ def _principal(svc: Services, key: AuthenticatedKey, requested: str | None) -> P
     try:
         return svc.access.principal_for_key(key, requested)
     except AccessError as exc:
-        raise access_error(exc) from None
+        raise service_error(exc) from None
 
 
 def forbidden(principal: Principal, permission: Permission) -> GatewayError:

@@ -36,6 +36,26 @@ POLICY: dict[tuple[str, str], Permission] = {
     ("GET", "/api/costs"): P.COSTS_READ,
     ("GET", "/api/routes"): P.CONFIG_READ,
     ("GET", "/api/models"): P.CONFIG_READ,
+    # Flywheel API: prompts and approvals.
+    ("GET", "/api/prompts"): P.PROMPTS_READ,
+    ("POST", "/api/prompts"): P.PROMPTS_WRITE,
+    ("GET", "/api/prompts/{name}"): P.PROMPTS_READ,
+    ("GET", "/api/prompts/{name}/versions"): P.PROMPTS_READ,
+    ("GET", "/api/prompts/{name}/diff"): P.PROMPTS_READ,
+    ("POST", "/api/prompts/{name}/render"): P.PROMPTS_READ,
+    ("GET", "/api/prompts/{name}/labels"): P.PROMPTS_READ,
+    ("PUT", "/api/prompts/{name}/labels/{label}"): P.PROMPTS_WRITE,
+    ("DELETE", "/api/prompts/{name}/labels/{label}"): P.PROMPTS_WRITE,
+    ("GET", "/api/approvals"): P.APPROVALS_READ,
+    ("POST", "/api/approvals"): P.APPROVALS_REQUEST,
+    ("GET", "/api/approvals/{approval_id}"): P.APPROVALS_READ,
+    ("POST", "/api/approvals/{approval_id}/approve"): P.APPROVALS_DECIDE,
+    ("POST", "/api/approvals/{approval_id}/reject"): P.APPROVALS_DECIDE,
+    ("POST", "/api/approvals/{approval_id}/cancel"): P.APPROVALS_REQUEST,
+    # Flywheel API: config as code (catalog and route changes also need config:write).
+    ("GET", "/api/config/export"): P.CONFIG_READ,
+    ("POST", "/api/config/plan"): P.CONFIG_READ,
+    ("POST", "/api/config/apply"): P.PROMPTS_WRITE,
     # Flywheel API: access and governance.
     ("GET", "/api/me"): P.AUTHENTICATED,
     ("GET", "/api/projects"): P.AUTHENTICATED,
@@ -72,7 +92,15 @@ POLICY: dict[tuple[str, str], Permission] = {
     ("POST", "/access/keys"): P.KEYS_MANAGE,
     ("POST", "/access/keys/{key_id}/revoke"): P.KEYS_MANAGE,
     ("GET", "/audit"): P.AUDIT_READ,
+    # Web UI: prompts and the playground.
 }
+
+
+# POSTs that compute without changing anything (their inputs do not fit a query string), so
+# read-only callers may use them.
+READ_ONLY_POSTS = frozenset(
+    {("POST", "/api/prompts/{name}/render"), ("POST", "/api/config/plan")}
+)
 
 
 def required_permission(method: str, path: str) -> Permission | None:

@@ -14,8 +14,10 @@ from pydantic import SecretStr
 from flywheel.config import FlywheelConfig, Settings, load_config
 from flywheel.gateway import Gateway
 from flywheel.gateway.limits import BudgetAlert, Limiter, Subject, make_limiter
+from flywheel.prompts import PromptRegistry
 from flywheel.providers import ProviderRegistry
 from flywheel.security import AccessService, ApiKeyStore
+from flywheel.security.approvals import ApprovalService
 from flywheel.security.audit import AuditLog
 from flywheel.security.secrets import SecretBox, SecretStore, load_master_key
 from flywheel.security.throttle import LoginThrottle
@@ -76,6 +78,8 @@ class Services:
     audit: AuditLog
     access: AccessService
     secrets: SecretStore
+    prompts: PromptRegistry
+    approvals: ApprovalService
     writer: TraceWriter
     traces: TraceQueries
     providers: ProviderRegistry
@@ -112,6 +116,9 @@ class Services:
             settings.local_threads,
         )
         traces = TraceQueries(db)
+        prompts = PromptRegistry(db, audit, settings.approval_labels)
+        approvals = ApprovalService(db, audit)
+        approvals.register("prompt", prompts)
 
         def spent(subject: Subject, since: float) -> float:
             return traces.spend_since(subject.kind, subject.id, since)
@@ -138,6 +145,8 @@ class Services:
             audit=audit,
             access=AccessService(db, keys, audit),
             secrets=secrets_store,
+            prompts=prompts,
+            approvals=approvals,
             writer=writer,
             traces=traces,
             providers=providers,
@@ -149,6 +158,7 @@ class Services:
                 settings.capture,
                 limiter=limiter,
                 on_budget_alert=budget_alert,
+                prompts=prompts.resolve,
             ),
             secret=session_secret(home),
             new_admin_key=new_admin_key,

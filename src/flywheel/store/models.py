@@ -140,6 +140,7 @@ class ApprovalRequest(Base):
     resource_name: Mapped[str] = mapped_column(String(200))
     resource_version: Mapped[str] = mapped_column(String(64))
     label: Mapped[str] = mapped_column(String(64))
+    # The identity (``Principal.identity``) of the version's author: never its approver.
     author: Mapped[str | None] = mapped_column(String(200), nullable=True)
     requested_by: Mapped[str] = mapped_column(String(200))
     status: Mapped[str] = mapped_column(String(16), default="pending", index=True)
@@ -148,6 +149,86 @@ class ApprovalRequest(Base):
     created_at: Mapped[float] = mapped_column(Float)
     decided_by: Mapped[str | None] = mapped_column(String(200), nullable=True)
     decided_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class Prompt(Base):
+    """A named prompt in a project; its content lives in immutable versions."""
+
+    __tablename__ = "prompts"
+    __table_args__ = (UniqueConstraint("project_id", "name", name="uq_prompts_project_name"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    project_id: Mapped[str] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(128))
+    description: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[float] = mapped_column(Float)
+    created_by: Mapped[str] = mapped_column(String(200))
+
+
+class PromptVersion(Base):
+    """One immutable version: template, variables schema, default model and parameters."""
+
+    __tablename__ = "prompt_versions"
+    __table_args__ = (UniqueConstraint("prompt_id", "version", name="uq_prompt_versions"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    prompt_id: Mapped[str] = mapped_column(ForeignKey("prompts.id", ondelete="CASCADE"))
+    version: Mapped[int] = mapped_column(Integer)
+    template: Mapped[Any] = mapped_column(JSON)
+    variables: Mapped[Any] = mapped_column(JSON)
+    model: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    params: Mapped[Any] = mapped_column(JSON)
+    message: Mapped[str] = mapped_column(Text, default="")
+    author: Mapped[str] = mapped_column(String(200))
+    author_id: Mapped[str] = mapped_column(String(64))
+    content_hash: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+class PromptLabel(Base):
+    """Where a label (``production``, ``staging``…) of a prompt points now."""
+
+    __tablename__ = "prompt_labels"
+
+    prompt_id: Mapped[str] = mapped_column(
+        ForeignKey("prompts.id", ondelete="CASCADE"), primary_key=True
+    )
+    label: Mapped[str] = mapped_column(String(64), primary_key=True)
+    version: Mapped[int] = mapped_column(Integer)
+    updated_at: Mapped[float] = mapped_column(Float)
+    updated_by: Mapped[str] = mapped_column(String(200))
+
+
+class LabelEvent(Base):
+    """One move of a label: the history behind rollbacks and the release timeline."""
+
+    __tablename__ = "label_events"
+    __table_args__ = (Index("ix_label_events_resource", "project_id", "resource_name"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    project_id: Mapped[str] = mapped_column(String(32))
+    resource_type: Mapped[str] = mapped_column(String(32))
+    resource_name: Mapped[str] = mapped_column(String(200))
+    label: Mapped[str] = mapped_column(String(64))
+    from_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    to_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    actor: Mapped[str] = mapped_column(String(200))
+    approval_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    ts: Mapped[float] = mapped_column(Float)
+
+
+class ConfigRevision(Base):
+    """One applied revision of the instance config (providers, catalog, routes); the newest
+    is the running one, older ones are its history."""
+
+    __tablename__ = "config_revisions"
+
+    revision: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    document: Mapped[Any] = mapped_column(JSON)
+    content_hash: Mapped[str] = mapped_column(String(64))
+    source: Mapped[str] = mapped_column(String(200))
+    applied_by: Mapped[str] = mapped_column(String(200))
+    applied_at: Mapped[float] = mapped_column(Float)
 
 
 class SpanRecord(Base):

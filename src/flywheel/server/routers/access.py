@@ -20,21 +20,20 @@ from flywheel.security.access import project_to_dict, user_to_dict
 from flywheel.security.audit import to_dict as audit_to_dict
 from flywheel.security.keys import key_to_dict
 from flywheel.security.rbac import Role, Scope
-from flywheel.server.http import access_error, authorize, principal, read_json, services
+from flywheel.server.http import (
+    authorize,
+    call_service,
+    principal,
+    read_json,
+    service_error,
+    services,
+)
 
 router = APIRouter(prefix="/api", tags=["access"], dependencies=[Depends(authorize)])
 
 
 class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
-
-
-async def _call(function: Any, *args: Any, **kwargs: Any) -> Any:
-    """Run an access operation off the event loop; its refusals become OpenAI-style errors."""
-    try:
-        return await run_in_threadpool(function, *args, **kwargs)
-    except AccessError as exc:
-        raise access_error(exc) from None
 
 
 def _me(caller: Principal) -> dict[str, Any]:
@@ -74,7 +73,7 @@ class ProjectPatch(_Body):
 @router.get("/projects")
 async def list_projects(request: Request) -> Any:
     """Projects the caller can see."""
-    projects = await _call(services(request).access.list_projects, principal(request))
+    projects = await call_service(services(request).access.list_projects, principal(request))
     return {"data": [project_to_dict(p) for p in projects]}
 
 
@@ -83,7 +82,7 @@ async def create_project(request: Request) -> Any:
     """Create a project (instance admins)."""
     body = await read_json(request, ProjectIn)
     limits = body.limits.model_dump(exclude_none=True) if body.limits else None
-    project = await _call(
+    project = await call_service(
         services(request).access.create_project,
         body.name,
         principal(request).actor,
@@ -95,13 +94,13 @@ async def create_project(request: Request) -> Any:
 
 def _visible(caller: Principal, project_id: str) -> None:
     if not caller.instance_admin and caller.project_id != project_id:
-        raise access_error(AccessError(404, f"No project '{project_id}'.", "project_not_found"))
+        raise service_error(AccessError(404, f"No project '{project_id}'.", "project_not_found"))
 
 
 @router.get("/projects/{project_id}")
 async def get_project(project_id: str, request: Request) -> Any:
     _visible(principal(request), project_id)
-    return project_to_dict(await _call(services(request).access.get_project, project_id))
+    return project_to_dict(await call_service(services(request).access.get_project, project_id))
 
 
 @router.patch("/projects/{project_id}")
@@ -111,10 +110,12 @@ async def update_project(project_id: str, request: Request) -> Any:
     access = services(request).access
     limits = body.limits.model_dump(exclude_none=True) if body.limits else None
     if body.description is not None:
-        await _call(
+        await call_service(
             access.set_project_description, project_id, body.description, principal(request).actor
         )
-    project = await _call(access.set_project_limits, project_id, limits, principal(request).actor)
+    project = await call_service(
+        access.set_project_limits, project_id, limits, principal(request).actor
+    )
     return project_to_dict(project)
 
 
@@ -134,7 +135,7 @@ class UserPatch(_Body):
 
 @router.get("/users")
 async def list_users(request: Request) -> Any:
-    users = await _call(services(request).access.list_users)
+    users = await call_service(services(request).access.list_users)
     return {"data": [user_to_dict(u) for u in users]}
 
 
@@ -142,7 +143,7 @@ async def list_users(request: Request) -> Any:
 async def create_user(request: Request) -> Any:
     """Create a user who logs in to the UI with a password (stored as argon2)."""
     body = await read_json(request, UserIn)
-    user = await _call(
+    user = await call_service(
         services(request).access.create_user,
         body.username,
         body.password,
@@ -158,11 +159,11 @@ async def update_user(user_id: str, request: Request) -> Any:
     body = await read_json(request, UserPatch)
     access = services(request).access
     actor = principal(request).actor
-    user = await _call(access.find_user, user_id)
+    user = await call_service(access.find_user, user_id)
     if body.password is not None:
-        await _call(access.set_password, user.id, body.password, actor)
+        await call_service(access.set_password, user.id, body.password, actor)
     if body.disabled is not None:
-        user = await _call(access.set_user_disabled, user.id, body.disabled, actor)
+        user = await call_service(access.set_user_disabled, user.id, body.disabled, actor)
     return user_to_dict(user)
 
 
@@ -173,7 +174,9 @@ class MemberIn(_Body):
 @router.get("/members")
 async def list_members(request: Request) -> Any:
     """Users of the caller's project with their roles."""
-    members = await _call(services(request).access.list_members, principal(request).project_id)
+    members = await call_service(
+        services(request).access.list_members, principal(request).project_id
+    )
     return {"data": members}
 
 
@@ -183,8 +186,8 @@ async def set_member(user_id: str, request: Request) -> Any:
     body = await read_json(request, MemberIn)
     access = services(request).access
     caller = principal(request)
-    user = await _call(access.find_user, user_id)
-    await _call(access.set_member, caller.project_id, user.id, body.role, caller.actor)
+    user = await call_service(access.find_user, user_id)
+    await call_service(access.set_member, caller.project_id, user.id, body.role, caller.actor)
     return {**user_to_dict(user), "role": body.role, "project_id": caller.project_id}
 
 
@@ -192,10 +195,10 @@ async def set_member(user_id: str, request: Request) -> Any:
 async def remove_member(user_id: str, request: Request) -> Any:
     access = services(request).access
     caller = principal(request)
-    user = await _call(access.find_user, user_id)
-    removed = await _call(access.remove_member, caller.project_id, user.id, caller.actor)
+    user = await call_service(access.find_user, user_id)
+    removed = await call_service(access.remove_member, caller.project_id, user.id, caller.actor)
     if not removed:
-        raise access_error(AccessError(404, f"'{user_id}' is not a member.", "not_a_member"))
+        raise service_error(AccessError(404, f"'{user_id}' is not a member.", "not_a_member"))
     return {"removed": True}
 
 
@@ -217,7 +220,7 @@ class KeyIn(_Body):
 @router.get("/keys")
 async def list_keys(request: Request) -> Any:
     """The project's keys (metadata only: the key itself is shown once, at creation)."""
-    keys = await _call(services(request).keys.list, principal(request).project_id)
+    keys = await call_service(services(request).keys.list, principal(request).project_id)
     return {"data": [key_to_dict(k) for k in keys]}
 
 
@@ -226,8 +229,8 @@ async def create_key(request: Request) -> Any:
     """Create a key in the caller's project. The response holds the key; it is not stored."""
     body = await read_json(request, KeyIn)
     access = services(request).access
-    owner = (await _call(access.find_user, body.user)).id if body.user else None
-    raw, record = await _call(
+    owner = (await call_service(access.find_user, body.user)).id if body.user else None
+    raw, record = await call_service(
         access.create_key,
         principal(request),
         body.name,
@@ -243,7 +246,7 @@ async def create_key(request: Request) -> Any:
 
 @router.delete("/keys/{key_id}")
 async def revoke_key(key_id: str, request: Request) -> Any:
-    record = await _call(services(request).access.revoke_key, principal(request), key_id)
+    record = await call_service(services(request).access.revoke_key, principal(request), key_id)
     return key_to_dict(record)
 
 
@@ -258,7 +261,7 @@ def _secret_call(function: Any, *args: Any) -> Any:
     try:
         return function(*args)
     except ValueError as exc:
-        raise access_error(AccessError(400, str(exc), "invalid_value")) from None
+        raise service_error(AccessError(400, str(exc), "invalid_value")) from None
 
 
 async def _audit_secret(request: Request, action: str, name: str, after: Any = None) -> None:
@@ -298,7 +301,7 @@ async def set_secret(name: str, request: Request) -> Any:
 async def delete_secret(name: str, request: Request) -> Any:
     svc, caller = services(request), principal(request)
     if not await run_in_threadpool(svc.secrets.delete, caller.project_id, name):
-        raise access_error(AccessError(404, f"No secret '{name}'.", "secret_not_found"))
+        raise service_error(AccessError(404, f"No secret '{name}'.", "secret_not_found"))
     await _audit_secret(request, "secret.delete", name)
     return {"deleted": True}
 
@@ -323,7 +326,7 @@ async def list_audit(
     all_projects: bool = Query(default=False, description="Instance admins: every project."),
 ) -> Any:
     """Audit entries, newest first; pass the last ``seq`` as ``before_seq`` for more."""
-    events = await _call(
+    events = await call_service(
         services(request).audit.list,
         project_id=_audit_scope(principal(request), all_projects),
         action=action,
@@ -362,7 +365,7 @@ def export_audit(
 @router.get("/audit/verify")
 async def verify_audit(request: Request) -> Any:
     """Recompute the hash chain over the whole log and report the first broken entry."""
-    result = await _call(services(request).audit.verify)
+    result = await call_service(services(request).audit.verify)
     return {
         "ok": result.ok,
         "checked": result.checked,
