@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
@@ -144,12 +144,76 @@ class RouteConfig(_Strict):
         return self
 
 
+class PromptVersionSpec(_Strict):
+    """The content of one prompt version (see ``flywheel.prompts``)."""
+
+    template: str | list[dict[str, str]]
+    variables: dict[str, Any] | None = Field(
+        default=None, description="JSON Schema of the variables; default: inferred."
+    )
+    model: str | None = None
+    params: dict[str, Any] = Field(default_factory=dict)
+    message: str = ""
+
+
+class PromptSpec(_Strict):
+    """A prompt of the project being applied: either its newest content inline (a new version
+    is made when it differs) or its whole ``versions`` history (as ``flywheel export``
+    writes it). ``labels`` name the labels on the newest version, or map label → version."""
+
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")]
+    description: str = ""
+    template: str | list[dict[str, str]] | None = None
+    variables: dict[str, Any] | None = None
+    model: str | None = None
+    params: dict[str, Any] = Field(default_factory=dict)
+    message: str = ""
+    versions: list[PromptVersionSpec] | None = Field(default=None, min_length=1)
+    labels: list[str] | dict[str, int] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _one_form(self) -> PromptSpec:
+        if (self.template is None) == (self.versions is None):
+            raise ValueError("a prompt has either 'template' or 'versions'")
+        if isinstance(self.labels, dict):
+            top = len(self.versions or [None])
+            for label, version in self.labels.items():
+                if not 1 <= version <= top:
+                    raise ValueError(f"label '{label}' points at version {version}, not 1-{top}")
+        return self
+
+    def version_specs(self) -> list[PromptVersionSpec]:
+        if self.versions is not None:
+            return self.versions
+        assert self.template is not None
+        return [
+            PromptVersionSpec(
+                template=self.template,
+                variables=self.variables,
+                model=self.model,
+                params=self.params,
+                message=self.message,
+            )
+        ]
+
+
 class FlywheelConfig(_Strict):
-    """The whole ``flywheel.yaml``."""
+    """The whole ``flywheel.yaml``. A section left out of a file is left as it is by
+    ``flywheel apply``; ``prompts`` belong to the project the file is applied to."""
 
     providers: dict[Name, ProviderConfig] = Field(default_factory=dict)
     models: list[CatalogModel] = Field(default_factory=list)
     routes: list[RouteConfig] = Field(default_factory=list)
+    prompts: list[PromptSpec] = Field(default_factory=list)
+
+    def instance_document(self) -> dict[str, Any]:
+        """Providers, models and routes as stored (never an inline API key)."""
+        data = self.model_dump(
+            mode="json", include={"providers", "models", "routes"}, exclude_defaults=True
+        )
+        for provider in data.get("providers", {}).values():
+            provider.pop("api_key", None)
+        return data
 
     def reference_errors(self) -> list[tuple[tuple[str | int, ...], str]]:
         """Cross-references that pydantic cannot check: (location, problem) pairs."""
@@ -161,6 +225,11 @@ class FlywheelConfig(_Strict):
             model_names.add(model.name)
             if model.provider not in self.providers:
                 errors.append((("models", i, "provider"), f"unknown provider '{model.provider}'"))
+        prompt_names: set[str] = set()
+        for i, prompt in enumerate(self.prompts):
+            if prompt.name in prompt_names:
+                errors.append((("prompts", i, "name"), f"duplicate prompt '{prompt.name}'"))
+            prompt_names.add(prompt.name)
         route_names: set[str] = set()
         for i, route in enumerate(self.routes):
             if route.name in route_names or route.name in model_names:

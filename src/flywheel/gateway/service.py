@@ -123,6 +123,10 @@ class Gateway:
         self.on_budget_alert = on_budget_alert
         self.prompts = prompts
 
+    def reconfigure(self, config: FlywheelConfig) -> None:
+        """Serve a new catalog and routes; calls in flight finish on the old ones."""
+        self.config, self.routes = config, RouteTable(config)
+
     # -- discovery -------------------------------------------------------------------------
 
     def list_models(self) -> list[dict[str, Any]]:
@@ -191,6 +195,13 @@ class Gateway:
         then the caller's, the version's parameters overridden by the caller's."""
         ref = self._prompt_ref(request.model)
         if ref is None:
+            if request.variables is not None:
+                raise GatewayError(
+                    400,
+                    f"'variables' are for prompt targets; '{request.model}' is not a prompt.",
+                    param="variables",
+                    code="invalid_value",
+                )
             if not request.messages:
                 raise GatewayError(
                     400,

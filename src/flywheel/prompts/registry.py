@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from sqlalchemy import event as sqlalchemy_event
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -460,7 +461,8 @@ class PromptRegistry:
                 404, f"Prompt '{name}' has no version {version}.", "version_not_found", "version"
             )
         event = self._move(session, project_id, prompt, label, version, actor, approval_id)
-        self._cache.clear()
+        # Clearing before the commit would let a concurrent resolve cache the old target.
+        sqlalchemy_event.listen(session, "after_commit", lambda _: self._cache.clear(), once=True)
         return event
 
     def remove_label(self, project_id: str, name: str, label: str, actor: str) -> None:

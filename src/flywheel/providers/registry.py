@@ -6,7 +6,7 @@ import asyncio
 import logging
 from pathlib import Path
 
-from flywheel.config import CatalogModel, FlywheelConfig
+from flywheel.config import CatalogModel, FlywheelConfig, ProviderConfig
 from flywheel.providers.base import Provider
 from flywheel.providers.local import LocalProvider
 from flywheel.providers.openai_compat import OpenAICompatibleProvider
@@ -25,15 +25,30 @@ class ProviderRegistry:
         local_max_batch_size: int = 8,
         local_threads: int | None = None,
     ) -> None:
+        self._local_options = (model_cache, local_dtype, local_max_batch_size, local_threads)
         self.providers: dict[str, Provider] = {}
+        self._specs: dict[str, ProviderConfig] = {}
+        self.models: dict[str, CatalogModel] = {}
+        self.reconfigure(config)
+
+    def _make(self, name: str, spec: ProviderConfig) -> Provider:
+        if spec.type == "local":
+            return LocalProvider(name, *self._local_options)
+        return OpenAICompatibleProvider(name, spec)
+
+    def reconfigure(self, config: FlywheelConfig) -> list[Provider]:
+        """Switch to ``config``: providers whose settings are unchanged are kept (with their
+        loaded models and connections); the replaced ones are returned for closing."""
+        providers: dict[str, Provider] = {}
         for name, spec in config.providers.items():
-            if spec.type == "local":
-                self.providers[name] = LocalProvider(
-                    name, model_cache, local_dtype, local_max_batch_size, local_threads
-                )
-            else:
-                self.providers[name] = OpenAICompatibleProvider(name, spec)
-        self.models: dict[str, CatalogModel] = {m.name: m for m in config.models}
+            kept = self.providers.get(name)
+            providers[name] = (
+                kept if kept and self._specs.get(name) == spec else self._make(name, spec)
+            )
+        retired = [p for n, p in self.providers.items() if providers.get(n) is not p]
+        self.providers, self._specs = providers, dict(config.providers)
+        self.models = {m.name: m for m in config.models}
+        return retired
 
     def provider_for(self, model: CatalogModel) -> Provider:
         return self.providers[model.provider]

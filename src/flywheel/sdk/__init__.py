@@ -1,5 +1,7 @@
-"""The Python SDK: trace your own code and send the spans to a Flywheel server."""
+"""The Python SDK: a client for the prompt registry and the gateway, and tracing of your own
+code with the spans sent to a Flywheel server."""
 
+from flywheel.sdk.client import Client, FlywheelError, Prompt, StalePromptWarning
 from flywheel.sdk.tracing import (
     Span,
     configure,
@@ -10,4 +12,16 @@ from flywheel.sdk.tracing import (
     traceparent,
 )
 
-__all__ = ["Span", "configure", "current_span", "flush", "span", "trace", "traceparent"]
+__all__ = [
+    "Client",
+    "FlywheelError",
+    "Prompt",
+    "Span",
+    "StalePromptWarning",
+    "configure",
+    "current_span",
+    "flush",
+    "span",
+    "trace",
+    "traceparent",
+]

@@ -18,7 +18,7 @@ from flywheel.config import Settings, get_settings
 from flywheel.gateway import GatewayError, error_body
 from flywheel.security.secrets import install_redactor
 from flywheel.server.http import validation_error
-from flywheel.server.routers import access, api, openai, prompts
+from flywheel.server.routers import access, api, config, openai, prompts
 from flywheel.server.services import Services
 from flywheel.ui import govern
 from flywheel.ui import routes as ui
@@ -71,6 +71,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(api.router)
     app.include_router(access.router)
     app.include_router(prompts.router)
+    app.include_router(config.router)
     ui.install(app)
     app.include_router(govern.router)
 

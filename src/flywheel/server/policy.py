@@ -98,9 +98,7 @@ POLICY: dict[tuple[str, str], Permission] = {
 
 # POSTs that compute without changing anything (their inputs do not fit a query string), so
 # read-only callers may use them.
-READ_ONLY_POSTS = frozenset(
-    {("POST", "/api/prompts/{name}/render"), ("POST", "/api/config/plan")}
-)
+READ_ONLY_POSTS = frozenset({("POST", "/api/prompts/{name}/render"), ("POST", "/api/config/plan")})
 
 
 def required_permission(method: str, path: str) -> Permission | None:

@@ -12,15 +12,18 @@ from pathlib import Path
 from pydantic import SecretStr
 
 from flywheel.config import FlywheelConfig, Settings, load_config
+from flywheel.config.revisions import ConfigRevisions
 from flywheel.gateway import Gateway
 from flywheel.gateway.limits import BudgetAlert, Limiter, Subject, make_limiter
 from flywheel.prompts import PromptRegistry
-from flywheel.providers import ProviderRegistry
+from flywheel.prompts.declare import PromptDeclarations
+from flywheel.providers import Provider, ProviderRegistry
 from flywheel.security import AccessService, ApiKeyStore
 from flywheel.security.approvals import ApprovalService
 from flywheel.security.audit import AuditLog
 from flywheel.security.secrets import SecretBox, SecretStore, load_master_key
 from flywheel.security.throttle import LoginThrottle
+from flywheel.server.configuration import ConfigService
 from flywheel.store import DEFAULT_PROJECT_ID, Database
 from flywheel.tracing import TraceQueries, TraceWriter
 
@@ -59,6 +62,25 @@ def _with_stored_provider_keys(config: FlywheelConfig, store: SecretStore) -> Fl
     return config.model_copy(update={"providers": providers})
 
 
+def _startup_config(settings: Settings, revisions: ConfigRevisions) -> tuple[FlywheelConfig, int]:
+    """The config to start with: a config file, when there is one, is applied (as a new
+    revision if it differs); otherwise the newest stored revision runs, or on a fresh home
+    the built-in defaults."""
+    path = settings.resolved_config_file
+    latest = revisions.latest()
+    if path is None and latest is not None:
+        return FlywheelConfig.model_validate(latest[1]), latest[0]
+    config = load_config(path)
+    revision, created = revisions.save(
+        config, str(path) if path else "built-in defaults", "system:startup"
+    )
+    if created and latest is not None:
+        log.warning(
+            "config file %s differs from revision %d: applied as %d", path, latest[0], revision
+        )
+    return config, revision
+
+
 def _settle_heap() -> None:
     """Move everything alive now (modules, torch, loaded models) out of the garbage
     collector's reach. Otherwise each full collection walks those ~300k long-lived objects
@@ -80,26 +102,54 @@ class Services:
     secrets: SecretStore
     prompts: PromptRegistry
     approvals: ApprovalService
+    revisions: ConfigRevisions
+    config_revision: int
     writer: TraceWriter
     traces: TraceQueries
     providers: ProviderRegistry
     limiter: Limiter
     gateway: Gateway
     secret: str
+    configs: ConfigService = field(init=False)
     new_admin_key: str | None = None
     # Failed logins: per account, and (looser, for shared addresses) per client address.
     account_throttle: LoginThrottle = field(default_factory=lambda: LoginThrottle(10))
     address_throttle: LoginThrottle = field(default_factory=lambda: LoginThrottle(50))
     _preload: asyncio.Task[None] | None = field(default=None, repr=False)
+    _watch: asyncio.Task[None] | None = field(default=None, repr=False)
+    _retired: list[Provider] = field(default_factory=list, repr=False)
+
+    # How often a replica looks for a config revision applied elsewhere.
+    CONFIG_POLL_SECONDS = 3.0
+
+    def __post_init__(self) -> None:
+        self.configs = ConfigService(
+            self.revisions,
+            PromptDeclarations(self.prompts),
+            self.approvals,
+            self.audit,
+            running=lambda: self.config,
+            activate=self.activate,
+        )
+
+    def activate(self, config: FlywheelConfig, revision: int) -> None:
+        """Run ``config`` from now on (stored provider keys resolved); unchanged providers
+        keep their loaded models."""
+        config = _with_stored_provider_keys(config, self.secrets)
+        self._retired += self.providers.reconfigure(config)
+        self.gateway.reconfigure(config)
+        self.config, self.config_revision = config, revision
+        log.info("config revision %d is running", revision)
 
     @classmethod
     def build(cls, settings: Settings) -> Services:
         """Open the database (migrating it), make sure an admin key exists, load the config."""
         home = settings.home_dir
         home.mkdir(parents=True, exist_ok=True)
-        config = load_config(settings.resolved_config_file)
         db = Database(settings.resolved_database_url)
         db.migrate()
+        revisions = ConfigRevisions(db)
+        config, revision = _startup_config(settings, revisions)
         keys = ApiKeyStore(db)
         audit = AuditLog(db)
         master_key = settings.master_key.get_secret_value() if settings.master_key else None
@@ -147,6 +197,8 @@ class Services:
             secrets=secrets_store,
             prompts=prompts,
             approvals=approvals,
+            revisions=revisions,
+            config_revision=revision,
             writer=writer,
             traces=traces,
             providers=providers,
@@ -168,6 +220,21 @@ class Services:
         _settle_heap()
         if self.settings.preload_models:
             self._preload = asyncio.create_task(self._preload_models())
+        self._watch = asyncio.create_task(self._watch_config())
+
+    async def _watch_config(self) -> None:
+        """Follow revisions applied through another replica (or the CLI on this home)."""
+        while True:
+            await asyncio.sleep(self.CONFIG_POLL_SECONDS)
+            try:
+                latest = await asyncio.to_thread(self.revisions.latest)
+                if latest is not None and latest[0] > self.config_revision:
+                    self.activate(FlywheelConfig.model_validate(latest[1]), latest[0])
+                for provider in self._retired:
+                    await provider.aclose()
+                self._retired.clear()
+            except Exception:
+                log.exception("could not follow the stored config")
 
     async def _preload_models(self) -> None:
         await self.providers.preload()
@@ -175,8 +242,9 @@ class Services:
 
     async def close(self) -> None:
         """Stop accepting model work, then flush every trace to the database."""
-        if self._preload is not None and not self._preload.done():
-            self._preload.cancel()
+        for task in (self._preload, self._watch):
+            if task is not None and not task.done():
+                task.cancel()
         await self.providers.aclose()
         await self.limiter.aclose()
         self.writer.close()

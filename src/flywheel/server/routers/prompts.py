@@ -12,6 +12,7 @@ from typing import Any, Literal
 from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
+from flywheel.gateway import GatewayError
 from flywheel.prompts.templates import Message
 from flywheel.server.http import authorize, call_service, principal, read_json, services
 
@@ -48,6 +49,8 @@ class RenderIn(_Body):
 
 
 def _selector(version: int | None, label: str | None) -> int | str | None:
+    if version is not None and label is not None:
+        raise GatewayError(400, "Pass a version or a label, not both.", param="label")
     return version if version is not None else label
 
 

@@ -1,0 +1,172 @@
+"""Prompts declared in ``flywheel.yaml``: plan and apply them against the registry, and
+export the registry back as specs (the round trip ``flywheel export`` → ``apply``)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from flywheel.config.revisions import Change
+from flywheel.config.schema import PromptSpec, PromptVersionSpec
+from flywheel.prompts.registry import (
+    PromptError,
+    PromptParams,
+    PromptRegistry,
+    VersionView,
+    content_hash,
+)
+from flywheel.prompts.templates import TemplateError, infer_schema
+
+# Asks for a protected label to move (name, version, label) and returns the request's id.
+ApprovalRequester = Callable[[str, int, str], str]
+
+
+def _spec_hash(spec: PromptVersionSpec) -> str:
+    try:
+        schema = infer_schema(spec.template) if spec.variables is None else spec.variables
+    except TemplateError as exc:
+        raise PromptError(400, exc.message, exc.code, "template") from None
+    params = PromptParams.model_validate(spec.params).model_dump(exclude_none=True)
+    return content_hash(spec.template, schema, spec.model, params)
+
+
+def _view_hash(view: VersionView) -> str:
+    return content_hash(view.template, view.variables, view.model, view.params)
+
+
+def _wanted_labels(spec: PromptSpec, top: int) -> dict[str, int]:
+    if isinstance(spec.labels, dict):
+        return dict(spec.labels)
+    return dict.fromkeys(spec.labels, top)
+
+
+class PromptDeclarations:
+    """Plans and applies a project's declared prompts; never deletes anything."""
+
+    def __init__(self, registry: PromptRegistry) -> None:
+        self.registry = registry
+
+    def _existing(self, project_id: str, name: str) -> list[VersionView]:
+        try:
+            return list(reversed(self.registry.versions(project_id, name)))
+        except PromptError as exc:
+            if exc.code == "prompt_not_found":
+                return []
+            raise
+
+    def _steps(
+        self, project_id: str, spec: PromptSpec
+    ) -> tuple[list[PromptVersionSpec], dict[str, int], dict[str, int]]:
+        """(versions to create, labels to move → version, current labels) for one spec."""
+        existing = self._existing(project_id, spec.name)
+        wanted = spec.version_specs()
+        if spec.versions is None:
+            same = existing and _view_hash(existing[-1]) == _spec_hash(wanted[0])
+            to_create = [] if same else wanted
+            top = len(existing) + len(to_create)
+        else:
+            for number, (view, version) in enumerate(zip(existing, wanted, strict=False), 1):
+                if _view_hash(view) != _spec_hash(version):
+                    raise PromptError(
+                        409,
+                        f"Version {number} of prompt '{spec.name}' differs from the stored one; "
+                        "versions are immutable, so append a new version instead.",
+                        "version_conflict",
+                        "prompts",
+                    )
+            to_create = wanted[len(existing) :]
+            top = max(len(existing), len(wanted))
+        current = {label: v.version for v in existing for label in v.labels}
+        return to_create, _wanted_labels(spec, top), current
+
+    def plan(self, project_id: str, specs: list[PromptSpec]) -> list[Change]:
+        changes: list[Change] = []
+        for spec in specs:
+            to_create, labels, current = self._steps(project_id, spec)
+            if to_create:
+                first = len(self._existing(project_id, spec.name)) + 1
+                numbers = ", ".join(f"v{first + i}" for i in range(len(to_create)))
+                action = "create" if first == 1 else "update"
+                changes.append(Change("prompt", spec.name, action, f"new {numbers}"))
+            else:
+                changes.append(Change("prompt", spec.name, "unchanged"))
+            for label, version in sorted(labels.items()):
+                name = f"{spec.name}:{label}"
+                if current.get(label) == version:
+                    changes.append(Change("label", name, "unchanged", f"v{version}"))
+                elif self.registry.is_protected(label):
+                    changes.append(Change("label", name, "approval", f"→ v{version}"))
+                else:
+                    changes.append(Change("label", name, "update", f"→ v{version}"))
+        return changes
+
+    def apply(
+        self,
+        project_id: str,
+        specs: list[PromptSpec],
+        *,
+        actor: str,
+        author_id: str,
+        request_approval: ApprovalRequester | None,
+    ) -> list[Change]:
+        """Create missing versions and move labels. A protected label is handed to
+        ``request_approval``; without one (an instance admin's explicit bypass) it moves now."""
+        changes = self.plan(project_id, specs)
+        for spec in specs:
+            to_create, labels, current = self._steps(project_id, spec)
+            for version in to_create:
+                self.registry.create(
+                    project_id,
+                    spec.name,
+                    template=version.template,
+                    author=actor,
+                    author_id=author_id,
+                    variables=version.variables,
+                    model=version.model,
+                    params=version.params,
+                    # A history is reproduced as it was; new inline content says where it came from.
+                    message=version.message
+                    if spec.versions is not None
+                    else (version.message or "flywheel apply"),
+                    description=spec.description,
+                )
+            for label, number in labels.items():
+                if current.get(label) == number:
+                    continue
+                if not self.registry.is_protected(label):
+                    self.registry.set_label(project_id, spec.name, label, number, actor)
+                elif request_approval is not None:
+                    request_approval(spec.name, number, label)
+                else:
+                    with self.registry.db.session() as session:
+                        self.registry.move_label(
+                            session, project_id, spec.name, label, number, actor, "bypass"
+                        )
+        return changes
+
+    def export(self, project_id: str) -> list[dict[str, Any]]:
+        """Every prompt of the project with its whole history, as ``prompts:`` entries."""
+        out: list[dict[str, Any]] = []
+        for summary in self.registry.overview(project_id):
+            versions = list(reversed(self.registry.versions(project_id, summary["name"])))
+            entry: dict[str, Any] = {"name": summary["name"]}
+            if summary["description"]:
+                entry["description"] = summary["description"]
+            entry["versions"] = [
+                {
+                    k: v
+                    for k, v in {
+                        "template": view.template,
+                        "variables": view.variables,
+                        "model": view.model,
+                        "params": view.params,
+                        "message": view.message,
+                    }.items()
+                    if v not in (None, {}, "")
+                }
+                for view in versions
+            ]
+            if summary["labels"]:
+                entry["labels"] = dict(sorted(summary["labels"].items()))
+            out.append(entry)
+        return out

@@ -1,0 +1,185 @@
+"""Config as code over HTTP: export the running state as YAML, plan a file, apply it.
+
+The instance sections of a file (providers, models, routes) become a new config revision
+that every replica switches to; its ``prompts`` are applied to the caller's project. A
+section left out of a file is left as it is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from flywheel.config import ConfigError, FlywheelConfig, load_config_text
+from flywheel.config.revisions import SECTIONS, Change, ConfigRevisions, plan_instance
+from flywheel.errors import ServiceError
+from flywheel.prompts.declare import PromptDeclarations
+from flywheel.security.approvals import ApprovalService
+from flywheel.security.audit import AuditLog
+from flywheel.security.rbac import Permission, Principal
+
+# Switches this process to a config and its revision number.
+Activate = Callable[[FlywheelConfig, int], None]
+
+
+class ConfigFileError(ServiceError):
+    """An invalid file: ``problems`` holds one ``file:line: where: what`` line each."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__(400, "\n".join(problems), "invalid_config", "yaml")
+        self.problems = problems
+
+
+def _parse(text: str, filename: str) -> FlywheelConfig:
+    try:
+        return load_config_text(text, filename)
+    except ConfigError as exc:
+        raise ConfigFileError(exc.problems) from None
+
+
+class ConfigService:
+    """Plan, apply and export; shared by the API and (through it) the CLI."""
+
+    def __init__(
+        self,
+        revisions: ConfigRevisions,
+        declarations: PromptDeclarations,
+        approvals: ApprovalService,
+        audit: AuditLog,
+        running: Callable[[], FlywheelConfig],
+        activate: Activate,
+    ) -> None:
+        self.revisions = revisions
+        self.declarations = declarations
+        self.approvals = approvals
+        self.audit = audit
+        self.running = running
+        self.activate = activate
+
+    def _instance_part(self, caller: Principal, config: FlywheelConfig) -> dict[str, Any]:
+        document = config.instance_document()
+        wanted = {
+            section: document.get(section, {} if section == "providers" else [])
+            for section in SECTIONS
+            if section in config.model_fields_set
+        }
+        if wanted and not caller.can(Permission.CONFIG_WRITE):
+            raise ServiceError(
+                403,
+                "Providers, models and routes serve every project: only an instance admin may "
+                "apply them. Leave those sections out to apply only this project's prompts.",
+                "permission_denied",
+                "yaml",
+            )
+        for name, provider in config.providers.items():
+            if provider.api_key is not None and "providers" in wanted:
+                raise ServiceError(
+                    400,
+                    f"Provider '{name}' has an inline api_key, which is never stored: store the "
+                    "key as a secret and name it in api_key_secret (or use api_key_env).",
+                    "invalid_value",
+                    f"providers.{name}.api_key",
+                )
+        return wanted
+
+    def _merged(self, wanted: dict[str, Any], filename: str) -> FlywheelConfig:
+        """The running config with the file's instance sections replacing its own."""
+        running = self.running()
+        document = running.instance_document() | wanted
+        try:
+            merged = FlywheelConfig.model_validate(document)
+        except ValidationError as exc:
+            raise ConfigFileError([f"{filename}: {e['msg']}" for e in exc.errors()]) from None
+        problems = [
+            f"{filename}: {'.'.join(str(p) for p in loc)}: {msg}"
+            for loc, msg in merged.reference_errors()
+        ]
+        if problems:
+            raise ConfigFileError(problems)
+        # Keys the running process holds in memory (inline in its start-up file) stay with
+        # providers whose settings did not change.
+        providers = {
+            name: running.providers[name]
+            if name in running.providers
+            and running.providers[name].model_copy(update={"api_key": None}) == spec
+            else spec
+            for name, spec in merged.providers.items()
+        }
+        return merged.model_copy(update={"providers": providers})
+
+    def plan(self, caller: Principal, text: str, filename: str) -> list[Change]:
+        """What applying ``text`` would change; changes nothing."""
+        config = _parse(text, filename)
+        wanted = self._instance_part(caller, config)
+        changes: list[Change] = []
+        if wanted:
+            self._merged(wanted, filename)
+            changes += plan_instance(self.running().instance_document(), wanted)
+        if "prompts" in config.model_fields_set:
+            changes += self.declarations.plan(caller.project_id, config.prompts)
+        return changes
+
+    def apply(
+        self, caller: Principal, text: str, filename: str, bypass_approvals: bool = False
+    ) -> dict[str, Any]:
+        """Apply ``text`` idempotently; protected labels are requested for approval unless an
+        instance admin bypasses them explicitly (audited)."""
+        if bypass_approvals and not caller.instance_admin:
+            raise ServiceError(
+                403, "Only an instance admin may bypass approvals.", "permission_denied"
+            )
+        config = _parse(text, filename)
+        changes = self.plan(caller, text, filename)
+        wanted = self._instance_part(caller, config)
+        revision = None
+        if wanted:
+            merged = self._merged(wanted, filename)
+            before = self.revisions.latest_number()
+            revision, created = self.revisions.save(merged, filename, caller.actor)
+            if created:
+                self.audit.record(
+                    actor=caller.actor,
+                    action="config.apply",
+                    resource_type="config",
+                    resource_id=str(revision),
+                    before={"revision": before},
+                    after={
+                        "revision": revision,
+                        "source": filename,
+                        "changes": [
+                            c.to_dict() for c in changes if c.kind not in ("prompt", "label")
+                        ],
+                    },
+                )
+                self.activate(merged, revision)
+        approvals: list[str] = []
+
+        def request(name: str, version: int, label: str) -> str:
+            approval = self.approvals.request(caller, "prompt", name, version, label)
+            approvals.append(approval["id"])
+            return str(approval["id"])
+
+        if "prompts" in config.model_fields_set:
+            self.declarations.apply(
+                caller.project_id,
+                config.prompts,
+                actor=caller.actor,
+                author_id=caller.identity,
+                request_approval=None if bypass_approvals else request,
+            )
+        return {
+            "revision": revision,
+            "changes": [c.to_dict() for c in changes],
+            "approvals": approvals,
+        }
+
+    def export(self, project_id: str) -> str:
+        """The running instance config and the project's prompts, as ``flywheel.yaml``."""
+        document: dict[str, Any] = self.running().instance_document()
+        prompts = self.declarations.export(project_id)
+        if prompts:
+            document["prompts"] = prompts
+        return yaml.safe_dump(document, sort_keys=False, allow_unicode=True, width=100)
