@@ -99,3 +99,60 @@ def test_projects_users_and_project_keys_on_the_local_database(tmp_path: Path) -
     assert missing.returncode == 1 and "No project 'nope'" in missing.stderr
     verified = flywheel("audit", "verify")
     assert verified.returncode == 0 and "4 entries" in verified.stdout
+
+
+def test_prompts_commands_round_trip(server, tmp_path: Path) -> None:
+    import secrets
+
+    name = f"cli-{secrets.token_hex(3)}"
+    chat = tmp_path / "chat.yaml"
+    chat.write_text(
+        "- {role: system, content: 'Be brief.'}\n- {role: user, content: 'Hi {{ who }}'}\n"
+    )
+    created = _run(
+        server, "prompts", "create", name, "-f", str(chat), "--model", "echo", "-m", "v1"
+    )
+    assert created.returncode == 0, created.stderr
+    assert f"{name} v1 created" in created.stdout
+    second = _run(server, "prompts", "create", name, "-t", "Hello {{ who }}", "-l", "staging")
+    assert second.returncode == 0, second.stderr
+    listed = _run(server, "prompts", "list")
+    assert name in listed.stdout and "staging→v2" in listed.stdout
+    shown = _run(server, "prompts", "show", f"{name}@1")
+    assert "Be brief." in shown.stdout and "model: echo" in shown.stdout
+    rendered = _run(server, "prompts", "render", f"{name}@staging", "--var", "who=Ada")
+    assert rendered.returncode == 0 and "Hello Ada" in rendered.stdout
+    missing = _run(server, "prompts", "render", f"{name}@staging")
+    assert missing.returncode == 1 and "Missing variable 'who'" in missing.stderr
+    diff = _run(server, "prompts", "diff", name, "1", "2")
+    assert "+Hello {{ who }}" in diff.stdout and "model: 'echo' -> None" in diff.stdout
+    refused = _run(server, "prompts", "label", name, "production", "2")
+    assert refused.returncode == 1 and "approval" in refused.stderr
+    requested = _run(server, "prompts", "label", name, "production", "2", "--request")
+    assert requested.returncode == 0 and "requested" in requested.stdout
+
+
+def test_apply_prints_a_plan_and_export_writes_yaml(server, tmp_path: Path) -> None:
+    import secrets
+
+    import yaml
+
+    name = f"gitops-cli-{secrets.token_hex(3)}"
+    config = tmp_path / "flywheel.yaml"
+    config.write_text(f"prompts:\n  - name: {name}\n    template: 'Hi {{{{ x }}}}'\n")
+    dry = _run(server, "apply", "-f", str(config), "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert f"create prompt {name}" in dry.stdout and "nothing applied" in dry.stdout
+    applied = _run(server, "apply", "-f", str(config))
+    assert applied.returncode == 0 and "1 created" in applied.stdout
+    again = _run(server, "apply", "-f", str(config))
+    assert f"unchanged prompt {name}" in again.stdout and "0 created" in again.stdout
+    out = tmp_path / "export.yaml"
+    exported = _run(server, "export", "-o", str(out))
+    assert exported.returncode == 0, exported.stderr
+    prompts = {p["name"]: p for p in yaml.safe_load(out.read_text())["prompts"]}
+    assert prompts[name]["versions"][0]["template"] == "Hi {{ x }}"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("routes:\n  - name: r\n    targets: [{model: nope}]\n")
+    failed = _run(server, "apply", "-f", str(bad))
+    assert failed.returncode == 1 and f"{bad}:3" in failed.stderr and "nope" in failed.stderr

@@ -205,7 +205,9 @@ def routes(url: UrlOption = DEFAULT_URL, api_key: KeyOption = None) -> None:
     for column in ("route", "targets (weight)", "fallbacks", "retries", "timeout s"):
         table.add_column(column)
     for route in data:
-        targets = ", ".join(f"{t['model']} ({t['weight']:g})" for t in route["targets"])
+        targets = ", ".join(
+            f"{t['model'] or 'prompt:' + t['prompt']} ({t['weight']:g})" for t in route["targets"]
+        )
         table.add_row(
             route["name"],
             targets,
@@ -414,3 +416,271 @@ def config_check(
         f"{file}: OK ({len(config.providers)} providers, {len(config.models)} models, "
         f"{len(config.routes)} routes)"
     )
+
+
+# -- prompts and config as code (through the server's API, with the SDK) --------------------
+
+prompts_app = typer.Typer(help="Versioned prompts (through the server's API).")
+app.add_typer(prompts_app, name="prompts")
+ProjectOption = Annotated[
+    str | None,
+    typer.Option("--project", envvar="FLYWHEEL_PROJECT", help="Project (instance keys)."),
+]
+
+
+def _client(url: str, api_key: str | None, project: str | None) -> Any:
+    from flywheel.sdk import Client
+
+    if not api_key:
+        raise _fail("no API key: pass --api-key or set FLYWHEEL_API_KEY")
+    return Client(url, api_key, project=project, cache_ttl=0)
+
+
+def _sdk_call(function: Any, *args: Any, **kwargs: Any) -> Any:
+    from flywheel.sdk import FlywheelError
+
+    try:
+        return function(*args, **kwargs)
+    except FlywheelError as exc:
+        raise _fail(exc.message) from None
+
+
+def _parse_vars(pairs: list[str]) -> dict[str, Any]:
+    import json
+
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        name, sep, raw = pair.partition("=")
+        if not sep or not name:
+            raise _fail(f"--var '{pair}': expected NAME=VALUE")
+        try:  # JSON values (numbers, lists) when they parse, else the text itself
+            out[name] = json.loads(raw)
+        except ValueError:
+            out[name] = raw
+    return out
+
+
+@prompts_app.command("list")
+def prompts_list(
+    url: UrlOption = DEFAULT_URL, api_key: KeyOption = None, project: ProjectOption = None
+) -> None:
+    """Prompts of the project with their latest version and labels."""
+    with _client(url, api_key, project) as client:
+        rows = _sdk_call(client.prompts.list)
+    table = Table(title="Prompts", header_style="bold")
+    for column in ("name", "latest", "labels", "created by"):
+        table.add_column(column)
+    for row in rows:
+        labels = ", ".join(f"{k}→v{v}" for k, v in sorted(row["labels"].items())) or "-"
+        table.add_row(row["name"], f"v{row['latest_version']}", labels, row["created_by"])
+    console.print(table)
+
+
+@prompts_app.command("show")
+def prompts_show(
+    name: Annotated[str, typer.Argument(help="NAME, NAME@LABEL or NAME@VERSION.")],
+    url: UrlOption = DEFAULT_URL,
+    api_key: KeyOption = None,
+    project: ProjectOption = None,
+) -> None:
+    """One version: template, variables, model, params, labels."""
+    import json
+
+    from flywheel.prompts.registry import parse_ref
+
+    prompt_name, selector = parse_ref(name)
+    with _client(url, api_key, project) as client:
+        label = selector if isinstance(selector, str) else None
+        version = selector if isinstance(selector, int) else None
+        prompt = _sdk_call(client.prompts.get, prompt_name, label=label, version=version)
+    console.print(
+        f"[bold]{prompt.name}[/] v{prompt.version}  labels: {', '.join(prompt.labels) or '-'}\n"
+        f"model: {prompt.model or '(default)'}  params: {json.dumps(prompt.params)}\n"
+        f"by {prompt.author} at {_when(prompt.created_at)}: {prompt.message or '-'}"
+    )
+    if isinstance(prompt.template, str):
+        console.print(prompt.template, markup=False, highlight=False)
+    else:
+        for message in prompt.template:
+            console.print(f"[bold][{message['role']}][/]")
+            console.print(message["content"], markup=False, highlight=False)
+
+
+@prompts_app.command("diff")
+def prompts_diff(
+    name: str,
+    old: Annotated[int, typer.Argument(help="From version.")],
+    new: Annotated[int, typer.Argument(help="To version.")],
+    url: UrlOption = DEFAULT_URL,
+    api_key: KeyOption = None,
+    project: ProjectOption = None,
+) -> None:
+    """A unified diff of two versions' templates, and their changed fields."""
+    with _client(url, api_key, project) as client:
+        diff = _sdk_call(client.prompts.diff, name, old, new)
+    typer.echo(diff["template"] or "(templates are identical)")
+    for field_name, (before, after) in diff["changes"].items():
+        typer.echo(f"{field_name}: {before!r} -> {after!r}")
+
+
+@prompts_app.command("create")
+def prompts_create(
+    name: str,
+    file: Annotated[
+        Path | None, typer.Option("--file", "-f", help="Template file (.txt, or .yaml/.json chat).")
+    ] = None,
+    template: Annotated[str | None, typer.Option("--template", "-t", help="Template text.")] = None,
+    model: Annotated[str | None, typer.Option(help="Default route or model.")] = None,
+    temperature: Annotated[float | None, typer.Option(help="Temperature.")] = None,
+    max_tokens: Annotated[int | None, typer.Option(help="Most tokens to generate.")] = None,
+    message: Annotated[str, typer.Option("--message", "-m", help="Commit message.")] = "",
+    label: Annotated[list[str] | None, typer.Option("--label", "-l", help="Label it.")] = None,
+    url: UrlOption = DEFAULT_URL,
+    api_key: KeyOption = None,
+    project: ProjectOption = None,
+) -> None:
+    """Store a new version from --template text or a --file (YAML/JSON list = chat)."""
+    if (file is None) == (template is None):
+        raise _fail("pass exactly one of --template and --file")
+    content: Any = template
+    if file is not None:
+        try:
+            text = file.read_text("utf-8")
+        except OSError as exc:
+            raise _fail(f"{file}: {exc.strerror}") from None
+        content = text
+        if file.suffix in (".yaml", ".yml", ".json"):
+            import yaml
+
+            try:
+                content = yaml.safe_load(text)
+            except yaml.MarkedYAMLError as exc:
+                line = exc.problem_mark.line + 1 if exc.problem_mark else 1
+                raise _fail(f"{file}:{line}: invalid YAML: {exc.problem}") from None
+    params = {k: v for k, v in {"temperature": temperature, "max_tokens": max_tokens}.items()}
+    with _client(url, api_key, project) as client:
+        prompt = _sdk_call(
+            client.prompts.create,
+            name,
+            content,
+            model=model,
+            params={k: v for k, v in params.items() if v is not None},
+            message=message,
+            labels=label or [],
+        )
+    console.print(f"{prompt.name} v{prompt.version} created")
+
+
+@prompts_app.command("label")
+def prompts_label(
+    name: str,
+    label: str,
+    version: int,
+    request: Annotated[
+        bool, typer.Option("--request", help="Request approval (protected labels).")
+    ] = False,
+    url: UrlOption = DEFAULT_URL,
+    api_key: KeyOption = None,
+    project: ProjectOption = None,
+) -> None:
+    """Point LABEL at VERSION (rollback: point it back); --request asks for approval."""
+    with _client(url, api_key, project) as client:
+        if request:
+            approval = _sdk_call(client.prompts.request_approval, name, version, label=label)
+            console.print(f"approval {approval['id']} requested: {name}@{version} → {label}")
+            return
+        _sdk_call(client.prompts.set_label, name, label, version)
+    console.print(f"{name}: {label} → v{version}")
+
+
+@prompts_app.command("render")
+def prompts_render(
+    name: Annotated[str, typer.Argument(help="NAME, NAME@LABEL or NAME@VERSION.")],
+    var: Annotated[list[str] | None, typer.Option("--var", help="NAME=VALUE (repeat).")] = None,
+    url: UrlOption = DEFAULT_URL,
+    api_key: KeyOption = None,
+    project: ProjectOption = None,
+) -> None:
+    """Render a version with variables (nothing is called)."""
+    from flywheel.prompts.registry import parse_ref
+
+    prompt_name, selector = parse_ref(name)
+    variables = _parse_vars(var or [])
+    with _client(url, api_key, project) as client:
+        label = selector if isinstance(selector, str) else None
+        version = selector if isinstance(selector, int) else None
+        prompt = _sdk_call(client.prompts.get, prompt_name, label=label, version=version)
+        messages = _sdk_call(prompt.messages, **variables)
+    for message in messages:
+        console.print(f"[bold][{message['role']}][/]")
+        console.print(message["content"], markup=False, highlight=False)
+
+
+@app.command("apply")
+def apply_command(
+    file: Annotated[Path, typer.Option("--file", "-f", help="The config file.")] = Path(
+        "flywheel.yaml"
+    ),
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan only.")] = False,
+    bypass_approvals: Annotated[
+        bool,
+        typer.Option("--bypass-approvals", help="Instance admins: move protected labels now."),
+    ] = False,
+    url: UrlOption = DEFAULT_URL,
+    api_key: KeyOption = None,
+    project: ProjectOption = None,
+) -> None:
+    """Print the plan for a flywheel.yaml (create/update/unchanged), then apply it."""
+    from flywheel.config import ConfigError, load_config_text
+
+    try:
+        text = file.read_text("utf-8")
+    except OSError as exc:
+        raise _fail(f"{file}:0: cannot read the file: {exc.strerror}") from None
+    try:  # the file's own errors, with lines, before anything is sent
+        load_config_text(text, str(file))
+    except ConfigError as exc:
+        for problem in exc.problems:
+            typer.echo(problem, err=True)
+        raise typer.Exit(1) from None
+    with _client(url, api_key, project) as client:
+        if dry_run:
+            changes = _sdk_call(client.config.plan, text, str(file))
+        else:
+            result = _sdk_call(
+                client.config.apply, text, str(file), bypass_approvals=bypass_approvals
+            )
+            changes = result["changes"]
+    colours = {"create": "green", "update": "yellow", "delete": "red", "approval": "magenta"}
+    for change in changes:
+        action = change["action"]
+        colour = colours.get(action, "dim")
+        detail = f" ({change['detail']})" if change["detail"] else ""
+        console.print(f"[{colour}]{action:>9}[/] {change['kind']} {change['name']}{detail}")
+    if dry_run:
+        console.print("dry run: nothing applied")
+        return
+    counts = {a: sum(c["action"] == a for c in changes) for a in ("create", "update", "delete")}
+    summary = ", ".join(f"{n} {a}d" if a != "create" else f"{n} created" for a, n in counts.items())
+    console.print(f"applied: {summary}; config revision {result['revision'] or 'unchanged'}")
+    for approval in result["approvals"]:
+        console.print(f"approval {approval} requested (protected label)")
+
+
+@app.command("export")
+def export_command(
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Write here (default: stdout).")
+    ] = None,
+    url: UrlOption = DEFAULT_URL,
+    api_key: KeyOption = None,
+    project: ProjectOption = None,
+) -> None:
+    """Write the running config and the project's prompts as a flywheel.yaml."""
+    with _client(url, api_key, project) as client:
+        text = _sdk_call(client.config.export)
+    if output is None:
+        typer.echo(text, nl=False)
+    else:
+        output.write_text(text, "utf-8")
+        err.print(f"wrote {output}")

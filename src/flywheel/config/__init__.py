@@ -1,6 +1,6 @@
 """Core configuration: environment settings and the ``flywheel.yaml`` config-as-code file."""
 
-from flywheel.config.files import ConfigError, load_config, load_config_text
+from flywheel.config.files import ConfigError, describe_problem, load_config, load_config_text
 from flywheel.config.schema import (
     CatalogModel,
     FlywheelConfig,
@@ -22,6 +22,7 @@ __all__ = [
     "RouteConfig",
     "RouteTarget",
     "Settings",
+    "describe_problem",
     "get_settings",
     "load_config",
     "load_config_text",

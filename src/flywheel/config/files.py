@@ -50,6 +50,18 @@ def _where(loc: Location) -> str:
     return out or "(top level)"
 
 
+def describe_problem(text: str, filename: str, loc: Location, message: str) -> str:
+    """``file:line: where: what`` for a problem found at ``loc`` of the document ``text``."""
+    index: dict[Location, int] = {}
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        root = None
+    if root is not None:
+        _line_index(root, (), index)
+    return f"{filename}:{_line_of(loc, index)}: {_where(loc)}: {message}"
+
+
 def load_config_text(text: str, filename: str = "flywheel.yaml") -> FlywheelConfig:
     """Parse and validate config text; raise :class:`ConfigError` naming file, line and problem."""
     try:
@@ -77,10 +89,12 @@ def load_config_text(text: str, filename: str = "flywheel.yaml") -> FlywheelConf
             message = err["msg"].removeprefix("Value error, ")
             problems.append(f"{filename}:{_line_of(loc, index)}: {_where(loc)}: {message}")
         raise ConfigError(problems) from None
-    problems = [
-        f"{filename}:{_line_of(loc, index)}: {_where(loc)}: {msg}"
-        for loc, msg in config.reference_errors()
-    ]
+    errors = config.reference_errors()
+    if "models" not in config.model_fields_set:
+        # A partial file (routes without the catalog) is checked against the running
+        # catalog when it is applied, not against nothing here.
+        errors = [(loc, msg) for loc, msg in errors if loc[0] not in ("routes", "models")]
+    problems = [f"{filename}:{_line_of(loc, index)}: {_where(loc)}: {msg}" for loc, msg in errors]
     if problems:
         raise ConfigError(problems)
     return config

@@ -374,8 +374,36 @@ class Approvals:
         return data
 
 
+class Config:
+    """Config as code: ``client.config`` (what ``flywheel apply`` and ``export`` call)."""
+
+    def __init__(self, client: Client) -> None:
+        self._client = client
+
+    def export(self) -> str:
+        """The running providers, models and routes, and the project's prompts, as YAML."""
+        request = self._client._http.build_request("GET", "/api/config/export")
+        return self._client._send(request).text
+
+    def plan(self, text: str, filename: str = "flywheel.yaml") -> _Dicts:
+        """The changes applying ``text`` would make: ``{"kind","name","action","detail"}``."""
+        body = {"yaml": text, "filename": filename}
+        data: _Dicts = self._client._request("POST", "/api/config/plan", json=body)["changes"]
+        return data
+
+    def apply(
+        self, text: str, filename: str = "flywheel.yaml", *, bypass_approvals: bool = False
+    ) -> dict[str, Any]:
+        """Apply ``text``; returns ``changes``, the config ``revision`` and the ``approvals``
+        opened for protected labels (instance admins may ``bypass_approvals``)."""
+        body = {"yaml": text, "filename": filename, "bypass_approvals": bypass_approvals}
+        data: dict[str, Any] = self._client._request("POST", "/api/config/apply", json=body)
+        self._client.prompts.invalidate()
+        return data
+
+
 class Client:
-    """A Flywheel server: ``prompts``, ``approvals`` and ``chat``.
+    """A Flywheel server: ``prompts``, ``approvals``, ``config`` and ``chat``.
 
     ``base_url`` defaults to ``FLYWHEEL_BASE_URL`` (else ``http://127.0.0.1:8000``) and
     ``api_key`` to ``FLYWHEEL_API_KEY``. ``project`` picks a project for keys that may act
@@ -408,6 +436,7 @@ class Client:
         )
         self.prompts = Prompts(self)
         self.approvals = Approvals(self)
+        self.config = Config(self)
 
     def __repr__(self) -> str:
         return f"Client(base_url={self.base_url!r})"

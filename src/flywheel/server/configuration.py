@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from flywheel.config import ConfigError, FlywheelConfig, load_config_text
+from flywheel.config import ConfigError, FlywheelConfig, describe_problem, load_config_text
 from flywheel.config.revisions import SECTIONS, Change, ConfigRevisions, plan_instance
 from flywheel.errors import ServiceError
 from flywheel.prompts.declare import PromptDeclarations
@@ -85,7 +85,7 @@ class ConfigService:
                 )
         return wanted
 
-    def _merged(self, wanted: dict[str, Any], filename: str) -> FlywheelConfig:
+    def _merged(self, wanted: dict[str, Any], text: str, filename: str) -> FlywheelConfig:
         """The running config with the file's instance sections replacing its own."""
         running = self.running()
         document = running.instance_document() | wanted
@@ -93,8 +93,9 @@ class ConfigService:
             merged = FlywheelConfig.model_validate(document)
         except ValidationError as exc:
             raise ConfigFileError([f"{filename}: {e['msg']}" for e in exc.errors()]) from None
+        # A declared section is the file's own, so its locations point into the file.
         problems = [
-            f"{filename}: {'.'.join(str(p) for p in loc)}: {msg}"
+            describe_problem(text if loc[0] in wanted else "", filename, loc, msg)
             for loc, msg in merged.reference_errors()
         ]
         if problems:
@@ -116,7 +117,7 @@ class ConfigService:
         wanted = self._instance_part(caller, config)
         changes: list[Change] = []
         if wanted:
-            self._merged(wanted, filename)
+            self._merged(wanted, text, filename)
             changes += plan_instance(self.running().instance_document(), wanted)
         if "prompts" in config.model_fields_set:
             changes += self.declarations.plan(caller.project_id, config.prompts)
@@ -136,7 +137,7 @@ class ConfigService:
         wanted = self._instance_part(caller, config)
         revision = None
         if wanted:
-            merged = self._merged(wanted, filename)
+            merged = self._merged(wanted, text, filename)
             before = self.revisions.latest_number()
             revision, created = self.revisions.save(merged, filename, caller.actor)
             if created:
