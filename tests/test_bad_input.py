@@ -136,3 +136,20 @@ def test_bad_query_parameters(api: httpx.Client) -> None:
     _assert_openai_error(api.get("/api/traces", params={"limit": "many"}), 400)
     _assert_openai_error(api.get("/api/traces", params={"cursor": "garbage"}), 400)
     _assert_openai_error(api.get("/api/traces/0123456789abcdef0123456789abcdef"), 404)
+
+
+def test_every_answer_carries_security_headers(server, auth) -> None:
+    with httpx.Client(base_url=server.base_url, timeout=30) as client:
+        for method, path, headers in [
+            ("GET", "/api/traces", auth),
+            ("GET", "/api/traces", {}),  # a 401 too
+            ("POST", "/v1/chat/completions", auth),  # a 400
+            ("GET", "/healthz", {}),
+        ]:
+            response = client.request(method, path, headers=headers)
+            assert response.headers["x-content-type-options"] == "nosniff", path
+            assert response.headers["x-frame-options"] == "DENY", path
+            if path.startswith("/api/"):
+                assert response.headers["cache-control"] == "no-store"
+        page = client.get("/login")
+        assert "frame-ancestors 'none'" in page.headers["content-security-policy"]

@@ -17,6 +17,7 @@ from flywheel import __version__
 from flywheel.config import Settings, get_settings
 from flywheel.gateway import GatewayError, error_body
 from flywheel.security.secrets import install_redactor
+from flywheel.server.headers import SecurityHeaders
 from flywheel.server.http import validation_error
 from flywheel.server.routers import access, api, config, openai, prompts
 from flywheel.server.services import Services
@@ -67,6 +68,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # per-request cost to the gateway's hot path for spans nobody exports.
         telemetry={"tracing": False, "metrics": False, "logs": False, "operation_spans": False},
     )
+    app.add_middleware(SecurityHeaders)
     app.include_router(openai.router)
     app.include_router(api.router)
     app.include_router(access.router)
