@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import time
 from collections.abc import Iterator
 
 import httpx
@@ -99,3 +100,25 @@ def test_budget_holds_across_replicas(replicas: list[RunningServer]) -> None:
     assert spent <= budget + 1e-9, f"two replicas overshot the budget: {spent} > {budget}"
     assert spent > budget - 0.7, f"stopped far below the budget: {spent}"
     assert all(n > 0 for n in served.values()), served  # both replicas took traffic
+
+
+def test_a_config_applied_on_one_replica_reaches_the_other(
+    replicas: list[RunningServer],
+) -> None:
+    first, second = replicas
+    admin = {"Authorization": f"Bearer {first.admin_key}"}
+    route = f"added-{secrets.token_hex(3)}"
+    text = f"routes:\n  - name: pricey\n    targets: [{{model: up-pricey}}]\n  - name: {route}\n    targets: [{{model: up-pricey}}]\n"
+    with httpx.Client(base_url=first.base_url, headers=admin, timeout=60) as client:
+        applied = client.post("/api/config/apply", json={"yaml": text})
+        assert applied.status_code == 200, applied.text
+        assert route in [m["id"] for m in client.get("/v1/models").json()["data"]]
+    body = {"model": route, "messages": [{"role": "user", "content": "hi"}]}
+    with httpx.Client(base_url=second.base_url, headers=admin, timeout=60) as client:
+        deadline = time.monotonic() + 15  # replicas look for new revisions every 3 s
+        while route not in [m["id"] for m in client.get("/v1/models").json()["data"]]:
+            assert time.monotonic() < deadline, "the second replica never switched"
+            time.sleep(0.2)
+        answer = client.post("/v1/chat/completions", json=body)
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["choices"][0]["message"]["content"] == "echo: hi"
