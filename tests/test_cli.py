@@ -156,3 +156,31 @@ def test_apply_prints_a_plan_and_export_writes_yaml(server, tmp_path: Path) -> N
     bad.write_text("routes:\n  - name: r\n    targets: [{model: nope}]\n")
     failed = _run(server, "apply", "-f", str(bad))
     assert failed.returncode == 1 and f"{bad}:3" in failed.stderr and "nope" in failed.stderr
+
+
+def test_rotating_the_master_key_keeps_secrets_readable(tmp_path: Path) -> None:
+    from flywheel.security.secrets import SecretBox, SecretStore, load_master_key
+    from flywheel.store import Database
+
+    env = {**os.environ, "FLYWHEEL_HOME": str(tmp_path)}
+    env.pop("FLYWHEEL_MASTER_KEY", None)
+    db = Database(f"sqlite:///{tmp_path / 'flywheel.db'}")
+    db.migrate()
+    old_key = load_master_key(tmp_path, None)
+    SecretStore(db, SecretBox(old_key)).set("default", "provider-key", "sk-rotate-me-123456")
+    result = subprocess.run(
+        [FLYWHEEL, "secrets", "rotate-master-key"], capture_output=True, text=True, env=env
+    )
+    assert result.returncode == 0, result.stderr
+    assert "1 secrets re-encrypted" in result.stdout
+    new_key = load_master_key(tmp_path, None)
+    assert new_key != old_key
+    assert (tmp_path / "master.key").stat().st_mode & 0o777 == 0o600
+    assert SecretStore(db, SecretBox(new_key)).reveal("default", "provider-key") == (
+        "sk-rotate-me-123456"
+    )
+    verified = subprocess.run(
+        [FLYWHEEL, "audit", "verify"], capture_output=True, text=True, env=env
+    )
+    assert verified.returncode == 0, verified.stdout
+    db.dispose()

@@ -21,11 +21,13 @@ config_app = typer.Typer(help="The flywheel.yaml config file.")
 projects_app = typer.Typer(help="Projects (works on the local database directly).")
 users_app = typer.Typer(help="Users and their project roles (local database).")
 audit_app = typer.Typer(help="The hash-chained audit log (local database).")
+secrets_app = typer.Typer(help="Encrypted secrets and the master key (local database).")
 app.add_typer(keys_app, name="keys")
 app.add_typer(config_app, name="config")
 app.add_typer(projects_app, name="projects")
 app.add_typer(users_app, name="users")
 app.add_typer(audit_app, name="audit")
+app.add_typer(secrets_app, name="secrets")
 
 console = Console()
 err = Console(stderr=True)
@@ -684,3 +686,60 @@ def export_command(
     else:
         output.write_text(text, "utf-8")
         err.print(f"wrote {output}")
+
+
+@secrets_app.command("rotate-master-key")
+def secrets_rotate_master_key() -> None:
+    """Re-encrypt every stored secret under a new master key, in one transaction.
+
+    With the key in <home>/master.key, the file is replaced (the old key is kept as
+    master.key.old until you delete it). With FLYWHEEL_MASTER_KEY, the new key is printed:
+    set it before restarting the servers. Run it with the servers stopped.
+    """
+    import base64
+    import os
+    import secrets as random
+
+    from flywheel.config import get_settings
+    from flywheel.security.audit import AuditLog
+    from flywheel.security.secrets import (
+        MasterKeyError,
+        SecretBox,
+        SecretStore,
+        key_id_of,
+        load_master_key,
+    )
+    from flywheel.store import Database
+
+    settings = get_settings()
+    home = settings.home_dir
+    from_env = settings.master_key.get_secret_value() if settings.master_key else None
+    try:
+        old_key = load_master_key(home, from_env)
+    except MasterKeyError as exc:
+        raise _fail(str(exc)) from None
+    db = Database(settings.resolved_database_url)
+    db.migrate()
+    new_key = random.token_bytes(32)
+    encoded = base64.urlsafe_b64encode(new_key).decode()
+    key_file = home / "master.key"
+    if from_env is None:
+        # The new key is on disk before any secret depends on it.
+        staged = home / "master.key.new"
+        staged.touch(mode=0o600)
+        staged.write_text(encoded + "\n")
+    store = SecretStore(db, SecretBox(old_key))
+    count = store.rotate(SecretBox(new_key))
+    AuditLog(db).record(
+        actor=_operator().actor,
+        action="secrets.rotate_master_key",
+        resource_type="master_key",
+        before={"key_id": key_id_of(old_key)},
+        after={"key_id": key_id_of(new_key), "secrets": count},
+    )
+    if from_env is None:
+        os.replace(key_file, home / "master.key.old")
+        os.replace(home / "master.key.new", key_file)
+        console.print(f"{count} secrets re-encrypted; new key in {key_file} (old: master.key.old)")
+    else:
+        console.print(f"{count} secrets re-encrypted. Set FLYWHEEL_MASTER_KEY={encoded}")
