@@ -267,3 +267,34 @@ def test_prompts_stay_in_their_project(server, team) -> None:
             json={"model": f"prompt:{name}", "variables": {"name": "A", "language": "B"}},
         )
         assert call.status_code == 404
+
+
+def test_odd_version_selectors_are_400s_not_500s(server, team) -> None:
+    with _client(server, team["developer"]) as dev:
+        _create(dev, "odd", model="echo")
+        variables = {"name": "A", "language": "B"}
+        for ref in ("odd@²", "odd@99999999999999999999999", "odd@0"):
+            call = dev.post(
+                "/v1/chat/completions", json={"model": f"prompt:{ref}", "variables": variables}
+            )
+            assert call.status_code in (400, 404), (ref, call.text)
+        huge = 10**22
+        assert dev.get("/api/prompts/odd", params={"version": huge}).status_code == 400
+        assert dev.put("/api/prompts/odd/labels/staging", json={"version": huge}).status_code == 400
+        assert dev.post("/api/approvals", json={"name": "odd", "version": huge}).status_code == 400
+        # Variables belong to prompt targets only.
+        plain = dev.post(
+            "/v1/chat/completions",
+            json={"model": "echo", "messages": [{"role": "user", "content": "x"}], "variables": {}},
+        )
+        assert plain.status_code == 400 and plain.json()["error"]["param"] == "variables"
+
+
+def test_chat_template_diffs_keep_one_line_per_line(server, team) -> None:
+    name = f"lines-{secrets.token_hex(3)}"
+    with _client(server, team["developer"]) as dev:
+        _create(dev, name, template=[{"role": "system", "content": "You are terse."}])
+        _create(dev, name, template=[{"role": "system", "content": "You are kind."}])
+        diff = dev.get(f"/api/prompts/{name}/diff", params={"from": 1, "to": 2}).json()
+    lines = diff["template"].splitlines()
+    assert "-You are terse." in lines and "+You are kind." in lines

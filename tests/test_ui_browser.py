@@ -16,8 +16,16 @@ from pathlib import Path
 from typing import Protocol
 
 import httpx
+import openai
 import pytest
-from playwright.sync_api import Browser, ConsoleMessage, Page, expect, sync_playwright
+from playwright.sync_api import (
+    Browser,
+    ConsoleMessage,
+    Dialog,
+    Page,
+    expect,
+    sync_playwright,
+)
 
 from flywheel.security import ApiKeyStore
 from flywheel.store import Database
@@ -205,9 +213,19 @@ def test_dashboard_charts_and_window_switch(
     assert page.evaluate("typeof window.htmx") == "object", "htmx was not loaded"
 
     nav = page.locator("nav.nav")
-    expect(nav.locator(".nav-stage")).to_contain_text(["Serve", "Observe", "Govern"])
+    expect(nav.locator(".nav-stage")).to_contain_text(["Serve", "Observe", "Improve", "Govern"])
     expect(nav.locator("a")).to_have_text(
-        ["Routes & models", "Dashboard", "Traces", "Costs", "Access", "Audit log"]
+        [
+            "Routes & models",
+            "Dashboard",
+            "Traces",
+            "Costs",
+            "Prompts",
+            "Playground",
+            "Approvals",
+            "Access",
+            "Audit log",
+        ]
     )
 
     requests = int(page.locator("[data-kpi=requests]").inner_text().replace(",", ""))
@@ -425,3 +443,141 @@ def test_govern_pages_keys_audit_and_costs(page: Page, server: Server) -> None:
     expect(page.locator("h1")).to_have_text("Costs")
     expect(page.locator("#cost-forecast")).to_be_visible()
     screenshot(page, "ui-costs.png")
+
+
+def test_prompt_playground_streams_compares_and_saves(page: Page, server: Server) -> None:
+    name = f"browser-prompt-{secrets.token_hex(3)}"
+    log_in(page, server, "/prompts")
+    expect(page.locator("h1")).to_have_text("Prompts")
+    form = page.locator("#new-prompt-form")
+    form.locator("input[name=name]").fill(name)
+    expect(form.locator("textarea[name=text]")).to_be_hidden()  # chat is the default kind
+    form.locator("textarea[name=system]").fill("You are terse.")
+    form.locator("textarea[name=user_message]").fill("Say {{ thing }}")
+    form.locator("select[name=model]").select_option("echo")
+    form.locator("input[name=message]").fill("first version")
+    screenshot(page, "ui-prompts.png")
+    form.locator("button[type=submit]").click()
+    expect(page).to_have_url(f"{server.base_url}/prompts/{name}")
+    expect(page.locator("#versions-table tbody tr")).to_have_count(1)
+    screenshot(page, "ui-prompt.png")
+
+    page.click("#open-playground")
+    expect(page).to_have_url(f"{server.base_url}/playground?prompt={name}")
+    column_a = page.locator("#column-a")
+    output_a = column_a.locator("[data-output]")
+
+    # A missing variable is explained in the output area.
+    page.click("#run-button")
+    expect(output_a.locator(".pg-error")).to_contain_text("Missing variable 'thing'")
+
+    expect(page.locator("[data-variable=thing][data-required]")).to_have_count(1)
+    page.fill("textarea[name='var.thing']", "hello browser")
+    page.click("#run-button")
+    expect(output_a).to_have_text("echo: Say hello browser")
+    expect(column_a.locator("[data-run-status]")).to_have_text("done")
+    expect(column_a.locator("[data-run-foot] a")).to_have_attribute("href", re.compile("^/traces/"))
+    pieces = "() => document.querySelector('#column-a [data-output]').childNodes.length"
+    assert page.evaluate(pieces) > 1, "the answer was not appended piece by piece"
+
+    # Save an edit as version 2: the playground then shows it.
+    page.fill("textarea[name='content.1']", "Say {{ thing }}!")
+    page.fill("#save-form input[name=message]", "more excited")
+    page.click("#save-button")
+    expect(page.locator("#playground-saved")).to_contain_text(f"{name}@2")
+    expect(column_a.locator(".pg-column-head")).to_contain_text(f"{name}@2")
+    expect(page.locator("#playground-saved a")).to_have_attribute(
+        "href", f"/prompts/{name}?from=1&to=2"
+    )
+
+    # Compare with version 1, side by side, on the same variables (kept across the swap).
+    page.evaluate("window.__sameDocument = true")
+    page.fill("textarea[name='var.thing']", "both")
+    page.select_option("#playground-picks select[name=b]", "1")
+    column_b = page.locator("#column-b")
+    expect(column_b.locator(".pg-column-head")).to_contain_text(f"{name}@1")
+    expect(page.locator("textarea[name='var.thing']")).to_have_value("both")
+    assert page.evaluate("() => window.__sameDocument === true"), "the page reloaded"
+    page.click("#run-button")
+    expect(output_a).to_have_text("echo: Say both!")
+    expect(column_b.locator("[data-output]")).to_have_text("echo: Say both")
+    screenshot(page, "ui-playground.png")
+
+    # Version 2 is in the history, with its diff against version 1.
+    page.goto(f"{server.base_url}/prompts/{name}?from=1&to=2")
+    expect(page.locator("#versions-table tbody tr")).to_have_count(2)
+    expect(page.locator("#versions-table tr[data-version='2']")).to_contain_text("more excited")
+    expect(page.locator("#diff-view .diff-add")).to_have_text("+Say {{ thing }}!")
+    expect(page.locator("#diff-view .diff-del")).to_have_text("-Say {{ thing }}")
+    # Another pair loads in place.
+    page.check("#versions-table tr[data-version='2'] input[name=from]")
+    page.check("#versions-table tr[data-version='1'] input[name=to]")
+    expect(page.locator("#diff-view .diff-add")).to_have_text("+Say {{ thing }}")
+    expect(page).to_have_url(f"{server.base_url}/prompts/{name}?from=2&to=1")
+    screenshot(page, "ui-prompt-diff.png")
+
+    # The prompt made in the UI is served by label through the official openai SDK.
+    page.goto(f"{server.base_url}/prompts/{name}")
+    label_form = page.locator("#label-form")
+    label_form.locator("input[name=label]").fill("staging")
+    label_form.locator("select[name=version]").select_option("2")
+    label_form.locator("button[type=submit]").click()
+    expect(page.locator("#versions-table tr[data-version='2']")).to_contain_text("staging")
+    client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key=server.admin_key)
+    reply = client.chat.completions.with_raw_response.create(
+        model=f"prompt:{name}@staging", messages=[], extra_body={"variables": {"thing": "it"}}
+    )
+    assert reply.parse().choices[0].message.content == "echo: Say it!"
+    trace_id = reply.headers["x-flywheel-trace-id"]
+    wait_for_trace(server, trace_id)
+    auth = {"Authorization": f"Bearer {server.admin_key}"}
+    span = httpx.get(f"{server.base_url}/api/traces/{trace_id}", headers=auth).json()["spans"][0]
+    assert span["attributes"]["flywheel.prompt.version"] == 2
+    page.goto(f"{server.base_url}/traces/{trace_id}")
+    expect(page.locator("body")).to_contain_text(f"{name}@staging")
+
+
+def test_production_request_shows_on_approvals(page: Page, server: Server) -> None:
+    name = f"browser-release-{secrets.token_hex(3)}"
+    created = httpx.post(
+        f"{server.base_url}/api/prompts",
+        headers={"Authorization": f"Bearer {server.admin_key}"},
+        json={"name": name, "template": "Hi {{ who }}", "model": "echo", "message": "v1"},
+        timeout=10,
+    )
+    assert created.status_code == 201, created.text
+    log_in(page, server, f"/prompts/{name}")
+    form = page.locator("#label-form")
+    confirm = form.locator("[data-protected-only]")
+    form.locator("input[name=label]").fill("staging")
+    expect(confirm).to_be_hidden()
+    form.locator("button[type=submit]").click()
+    expect(page.locator("#prompt-notice")).to_contain_text("staging")
+    expect(page.locator("#label-history tr[data-label=staging]")).to_contain_text("v1")
+
+    form.locator("input[name=label]").fill("production")
+    expect(confirm).to_be_visible()
+    confirm.locator("input[type=checkbox]").check()
+    dialogs: list[str] = []
+
+    def accept(dialog: Dialog) -> None:
+        dialogs.append(dialog.message)
+        dialog.accept()
+
+    page.once("dialog", accept)
+    form.locator("button[type=submit]").click()
+    expect(page.locator("#approval-requested")).to_contain_text("pending")
+    assert dialogs and "production" in dialogs[0]
+    expect(page.locator("#current-labels")).not_to_contain_text("production")
+
+    page.click("nav >> text=Approvals")
+    row = page.locator(f"#pending-approvals tr[data-prompt='{name}']")
+    expect(row).to_contain_text("production")
+    expect(row).to_contain_text("not configured")
+    screenshot(page, "ui-approvals.png")
+
+    # The admin key wrote the version, so it may not approve it (four eyes).
+    row.locator("input[name=comment]").fill("self-approval")
+    row.locator("button[data-decision=approve]").click()
+    expect(page.locator("#approval-error")).to_contain_text("cannot approve")
+    expect(page.locator(f"#pending-approvals tr[data-prompt='{name}']")).to_have_count(1)

@@ -447,6 +447,16 @@ def _sdk_call(function: Any, *args: Any, **kwargs: Any) -> Any:
         raise _fail(exc.message) from None
 
 
+def _parse_ref(ref: str) -> tuple[str, str | int | None]:
+    from flywheel.errors import ServiceError
+    from flywheel.prompts.registry import parse_ref
+
+    try:
+        return parse_ref(ref)
+    except ServiceError as exc:
+        raise _fail(exc.message) from None
+
+
 def _parse_vars(pairs: list[str]) -> dict[str, Any]:
     import json
 
@@ -488,9 +498,7 @@ def prompts_show(
     """One version: template, variables, model, params, labels."""
     import json
 
-    from flywheel.prompts.registry import parse_ref
-
-    prompt_name, selector = parse_ref(name)
+    prompt_name, selector = _parse_ref(name)
     with _client(url, api_key, project) as client:
         label = selector if isinstance(selector, str) else None
         version = selector if isinstance(selector, int) else None
@@ -604,9 +612,7 @@ def prompts_render(
     project: ProjectOption = None,
 ) -> None:
     """Render a version with variables (nothing is called)."""
-    from flywheel.prompts.registry import parse_ref
-
-    prompt_name, selector = parse_ref(name)
+    prompt_name, selector = _parse_ref(name)
     variables = _parse_vars(var or [])
     with _client(url, api_key, project) as client:
         label = selector if isinstance(selector, str) else None

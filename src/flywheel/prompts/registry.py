@@ -94,12 +94,20 @@ class VersionView:
             raise PromptError(400, exc.message, exc.code, exc.param) from None
 
 
+MAX_VERSION = 999_999_999
+
+
 def parse_ref(ref: str) -> tuple[str, str | int | None]:
     """``NAME``, ``NAME@LABEL`` or ``NAME@VERSION`` → (name, label or version or None)."""
     name, _, selector = ref.partition("@")
     if not selector:
         return name, None
-    return name, int(selector) if selector.isdigit() else selector
+    if selector.isascii() and selector.isdigit():
+        number = int(selector)
+        if not 1 <= number <= MAX_VERSION:
+            raise PromptError(400, f"'{selector}' is not a version number.", "invalid_value")
+        return name, number
+    return name, selector
 
 
 def content_hash(
@@ -114,13 +122,17 @@ def content_hash(
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+def _lines(text: str) -> list[str]:
+    # Every line ends with a newline, so the diff never glues one line to the next.
+    return [line if line.endswith("\n") else line + "\n" for line in text.splitlines(True)]
+
+
 def _template_text(template: Template) -> list[str]:
     if isinstance(template, str):
-        return template.splitlines(keepends=True)
+        return _lines(template)
     lines: list[str] = []
     for message in template:
-        lines.append(f"[{message['role']}]\n")
-        lines += [*message["content"].splitlines(keepends=True), "\n"]
+        lines += [f"[{message['role']}]\n", *_lines(message["content"])]
     return lines
 
 

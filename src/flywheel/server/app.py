@@ -22,6 +22,7 @@ from flywheel.server.http import validation_error
 from flywheel.server.routers import access, api, config, openai, prompts
 from flywheel.server.services import Services
 from flywheel.ui import govern
+from flywheel.ui import prompts as ui_prompts
 from flywheel.ui import routes as ui
 
 log = logging.getLogger("flywheel.server")
@@ -76,6 +77,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(config.router)
     ui.install(app)
     app.include_router(govern.router)
+    app.include_router(ui_prompts.router)
 
     @app.get("/healthz", tags=["ops"])
     def healthz() -> dict[str, str]:

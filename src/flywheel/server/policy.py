@@ -93,6 +93,16 @@ POLICY: dict[tuple[str, str], Permission] = {
     ("POST", "/access/keys/{key_id}/revoke"): P.KEYS_MANAGE,
     ("GET", "/audit"): P.AUDIT_READ,
     # Web UI: prompts and the playground.
+    ("GET", "/prompts"): P.PROMPTS_READ,
+    ("POST", "/prompts"): P.PROMPTS_WRITE,
+    ("GET", "/prompts/{name}"): P.PROMPTS_READ,
+    ("POST", "/prompts/{name}/labels"): P.PROMPTS_WRITE,
+    ("GET", "/playground"): P.PROMPTS_READ,
+    ("POST", "/playground/run"): P.GATEWAY_CALL,
+    ("POST", "/playground/save"): P.PROMPTS_WRITE,
+    ("GET", "/approvals"): P.APPROVALS_READ,
+    ("POST", "/approvals/{approval_id}/approve"): P.APPROVALS_DECIDE,
+    ("POST", "/approvals/{approval_id}/reject"): P.APPROVALS_DECIDE,
 }
 
 

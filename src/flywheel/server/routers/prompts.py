@@ -13,6 +13,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from flywheel.gateway import GatewayError
+from flywheel.prompts.registry import MAX_VERSION
 from flywheel.prompts.templates import Message
 from flywheel.server.http import authorize, call_service, principal, read_json, services
 
@@ -39,12 +40,12 @@ class PromptIn(_Body):
 
 
 class LabelIn(_Body):
-    version: int = Field(ge=1)
+    version: int = Field(ge=1, le=MAX_VERSION)
 
 
 class RenderIn(_Body):
     variables: dict[str, Any] = Field(default_factory=dict)
-    version: int | None = Field(default=None, ge=1)
+    version: int | None = Field(default=None, ge=1, le=MAX_VERSION)
     label: str | None = None
 
 
@@ -88,7 +89,7 @@ async def get_prompt(
     name: str,
     request: Request,
     label: str | None = None,
-    version: int | None = Query(default=None, ge=1),
+    version: int | None = Query(default=None, ge=1, le=MAX_VERSION),
 ) -> Any:
     """One version: by ``version``, by ``label``, or the latest."""
     svc = services(request)
@@ -111,8 +112,8 @@ async def list_versions(name: str, request: Request) -> Any:
 async def diff_versions(
     name: str,
     request: Request,
-    old: int = Query(alias="from", ge=1),
-    new: int = Query(alias="to", ge=1),
+    old: int = Query(alias="from", ge=1, le=MAX_VERSION),
+    new: int = Query(alias="to", ge=1, le=MAX_VERSION),
 ) -> Any:
     """A unified diff of the templates and the changed fields between two versions."""
     svc = services(request)
@@ -172,7 +173,7 @@ async def remove_label(name: str, label: str, request: Request) -> None:
 class ApprovalIn(_Body):
     resource_type: Literal["prompt"] = "prompt"
     name: str = Field(min_length=1, max_length=200)
-    version: int = Field(ge=1)
+    version: int = Field(ge=1, le=MAX_VERSION)
     label: str = Field(default="production", max_length=64)
     comment: str | None = Field(default=None, max_length=2000)
 

@@ -259,6 +259,8 @@
   function enhance(root) {
     localTimes(root);
     initCharts(root);
+    templateKinds(root);
+    labelForms(root);
   }
 
   // Whole table rows open their trace; real links and modified clicks keep their behaviour.
@@ -285,6 +287,178 @@
     if (button && button.hasAttribute("data-confirm") && !window.confirm(button.getAttribute("data-confirm"))) {
       event.preventDefault();
     }
+  });
+
+  // -- prompts: template kind, protected labels ------------------------------------------
+
+  // The new-prompt form shows the chat fields or the text field, as its kind select says.
+  function templateKinds(root) {
+    if (!root.querySelectorAll) return;
+    root.querySelectorAll("select[data-template-kind]").forEach(function (select) {
+      var form = select.form;
+      if (!form) return;
+      form.querySelectorAll("[data-kind-only]").forEach(function (el) {
+        el.hidden = el.getAttribute("data-kind-only") !== select.value;
+      });
+    });
+  }
+
+  function protectedLabels(form) {
+    return (form.getAttribute("data-protected-labels") || "").split(" ").filter(Boolean);
+  }
+
+  // The label form shows its confirmation box only for a protected label.
+  function labelForms(root) {
+    if (!root.querySelectorAll) return;
+    root.querySelectorAll("form[data-protected-labels]").forEach(function (form) {
+      var input = form.querySelector("input[name=label]");
+      var protectedOnly = form.querySelector("[data-protected-only]");
+      if (!input || !protectedOnly) return;
+      protectedOnly.hidden = protectedLabels(form).indexOf(input.value.trim()) < 0;
+    });
+  }
+
+  document.addEventListener("change", function (event) {
+    var target = event.target;
+    if (target instanceof HTMLSelectElement && target.hasAttribute("data-template-kind")) {
+      templateKinds(target.form || document);
+    }
+  });
+
+  document.addEventListener("input", function (event) {
+    var target = event.target;
+    if (target instanceof HTMLInputElement && target.name === "label" && target.form &&
+        target.form.hasAttribute("data-protected-labels")) {
+      labelForms(target.form.parentNode || document);
+    }
+  });
+
+  // Moving a protected label asks once more: it requests an approval for production.
+  document.addEventListener("submit", function (event) {
+    var form = event.target;
+    if (event.defaultPrevented || !(form instanceof HTMLFormElement)) return;
+    if (!form.hasAttribute("data-protected-labels")) return;
+    var label = (form.querySelector("input[name=label]") || {}).value || "";
+    label = label.trim();
+    if (protectedLabels(form).indexOf(label) < 0) return;
+    var version = form.querySelector("select[name=version]");
+    var confirmBox = form.querySelector("input[name=confirm]");
+    if (confirmBox && !confirmBox.checked) return; // the server explains what is missing
+    var question = "Request an approval to move '" + label + "' to v" + (version ? version.value : "?") +
+      "? It moves once another reviewer approves.";
+    if (!window.confirm(question)) event.preventDefault();
+  });
+
+  // -- playground: run each column and stream its answer ------------------------------------
+
+  function setStatus(column, text, state) {
+    var status = column.querySelector("[data-run-status]");
+    if (status) status.textContent = text;
+    column.setAttribute("data-state", state);
+  }
+
+  function showError(column, output, message) {
+    var error = document.createElement("span");
+    error.className = "pg-error";
+    error.setAttribute("role", "alert");
+    error.textContent = message;
+    if (output.textContent) output.appendChild(document.createTextNode("\n"));
+    output.appendChild(error);
+    setStatus(column, "failed", "error");
+  }
+
+  function handleLine(column, output, foot, line) {
+    if (!line.trim()) return;
+    var message;
+    try {
+      message = JSON.parse(line);
+    } catch (e) {
+      return;
+    }
+    if (message.meta) {
+      column.setAttribute("data-trace-id", message.meta.trace_id || "");
+      if (foot && message.meta.trace_id) {
+        foot.textContent = "";
+        var link = document.createElement("a");
+        link.href = "/traces/" + encodeURIComponent(message.meta.trace_id);
+        link.textContent = "trace";
+        foot.appendChild(document.createTextNode(message.meta.ref + " on " + message.meta.model + " · "));
+        foot.appendChild(link);
+      }
+    } else if (typeof message.text === "string") {
+      output.appendChild(document.createTextNode(message.text));
+    } else if (message.error) {
+      showError(column, output, message.error);
+    } else if (message.done) {
+      setStatus(column, "done", "done");
+    }
+  }
+
+  function runColumn(form, column) {
+    var output = column.querySelector("[data-output]");
+    var foot = column.querySelector("[data-run-foot]");
+    if (!output) return;
+    if (column.__runAbort) column.__runAbort.abort();
+    var controller = window.AbortController ? new AbortController() : null;
+    column.__runAbort = controller;
+    var data = new FormData(form);
+    data.set("ref", column.getAttribute("data-ref") || "");
+    data.set("model", column.getAttribute("data-model") || "");
+    output.textContent = "";
+    if (foot) foot.textContent = "";
+    setStatus(column, "running…", "running");
+
+    fetch(form.getAttribute("action"), {
+      method: "POST",
+      body: new URLSearchParams(data),
+      credentials: "same-origin",
+      headers: { Accept: "application/x-ndjson" },
+      signal: controller ? controller.signal : undefined,
+    })
+      .then(function (response) {
+        var type = response.headers.get("content-type") || "";
+        if (type.indexOf("application/x-ndjson") !== 0 || !response.body) {
+          if (response.redirected || response.status === 401) {
+            throw new Error("Your session ended: reload the page and log in again.");
+          }
+          if (response.status === 403) {
+            throw new Error("Not allowed: reload the page and try again (or ask for the gateway:call permission).");
+          }
+          throw new Error("The run failed (HTTP " + response.status + ").");
+        }
+        var reader = response.body.getReader();
+        var decoder = new TextDecoder();
+        var buffer = "";
+        function pump() {
+          return reader.read().then(function (result) {
+            if (result.done) {
+              buffer += decoder.decode();
+              if (buffer) handleLine(column, output, foot, buffer);
+              if (column.getAttribute("data-state") === "running") setStatus(column, "done", "done");
+              return;
+            }
+            buffer += decoder.decode(result.value, { stream: true });
+            var lines = buffer.split("\n");
+            buffer = lines.pop();
+            lines.forEach(function (line) { handleLine(column, output, foot, line); });
+            return pump();
+          });
+        }
+        return pump();
+      })
+      .catch(function (error) {
+        if (error && error.name === "AbortError") return;
+        showError(column, output, error && error.message ? error.message : "The run failed.");
+      });
+  }
+
+  document.addEventListener("submit", function (event) {
+    var form = event.target;
+    if (!(form instanceof HTMLFormElement) || !form.hasAttribute("data-playground-run")) return;
+    event.preventDefault();
+    document.querySelectorAll("[data-run-column]").forEach(function (column) {
+      runColumn(form, column);
+    });
   });
 
   if (window.htmx) {
