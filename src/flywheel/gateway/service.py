@@ -213,9 +213,16 @@ class Gateway:
         try:
             if self.prompts is None:
                 raise GatewayError(400, "Prompts are not available here.", param="model")
+            resolve = self.prompts
+
+            def resolve_and_render() -> tuple[PromptVersion, list[dict[str, str]]]:
+                # Both off the event loop: a miss reads the database, and a template can be
+                # costly to render.
+                version = resolve(call.ctx.project_id or "", ref)
+                return version, version.render(request.variables or {})
+
             try:
-                version = await asyncio.to_thread(self.prompts, call.ctx.project_id or "", ref)
-                messages = version.render(request.variables or {})
+                version, messages = await asyncio.to_thread(resolve_and_render)
             except ServiceError as exc:
                 raise GatewayError(
                     exc.status_code,
