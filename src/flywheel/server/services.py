@@ -227,9 +227,11 @@ class Services:
         while True:
             await asyncio.sleep(self.CONFIG_POLL_SECONDS)
             try:
-                latest = await asyncio.to_thread(self.revisions.latest)
-                if latest is not None and latest[0] > self.config_revision:
-                    self.activate(FlywheelConfig.model_validate(latest[1]), latest[0])
+                newest = await asyncio.to_thread(self.revisions.latest_number)
+                if newest > self.config_revision:
+                    latest = await asyncio.to_thread(self.revisions.latest)
+                    if latest is not None:
+                        self.activate(FlywheelConfig.model_validate(latest[1]), latest[0])
                 for provider in self._retired:
                     await provider.aclose()
                 self._retired.clear()
