@@ -155,3 +155,41 @@ def test_stream_with_no_healthy_target_returns_http_error(api: httpx.Client) -> 
     assert response.status_code == 502
     assert response.headers["content-type"].startswith("application/json")
     assert response.json()["error"]["type"] == "server_error"
+
+
+def test_the_request_deadline_bounds_retries_and_fallbacks(tmp_path, upstream) -> None:
+    """Each try times out after 1 s and is retried twice: without the 2 s request deadline
+    the caller would wait 3 s and more."""
+    from tests.conftest import start_server, stop_server
+
+    config = f"""
+providers:
+  up: {{type: openai, base_url: "{upstream.base_url}"}}
+models:
+  - {{name: up-hang, provider: up, upstream_name: hang}}
+routes:
+  - name: slow
+    targets: [{{model: up-hang, timeout: 1}}]
+    retry: {{attempts: 2, backoff_initial: 0.01, on: [timeout]}}
+"""
+    server = start_server(
+        tmp_path,
+        config,
+        "fw-deadline-" + uuid.uuid4().hex,
+        {"FLYWHEEL_REQUEST_DEADLINE": "2", "FLYWHEEL_PRELOAD_MODELS": "false"},
+        ready_path="/healthz",
+    )
+    try:
+        started = time.monotonic()
+        response = httpx.post(
+            f"{server.base_url}/v1/chat/completions",
+            headers={"Authorization": f"Bearer {server.admin_key}"},
+            json={"model": "slow", "messages": [{"role": "user", "content": "hi"}]},
+            timeout=30,
+        )
+        elapsed = time.monotonic() - started
+        assert response.status_code == 504, response.text
+        assert response.json()["error"]["code"] == "deadline_exceeded"
+        assert 1.9 < elapsed < 2.9, elapsed
+    finally:
+        stop_server(server)

@@ -85,6 +85,14 @@ class RetryPolicy(_Strict):
     )
     on: list[FallbackTrigger] = Field(default_factory=lambda: list(RETRY_ON))
 
+    @model_validator(mode="before")
+    @classmethod
+    def _yaml_on_key(cls, data: Any) -> Any:
+        # YAML 1.1 reads an unquoted `on:` key as the boolean true.
+        if isinstance(data, dict) and True in data and "on" not in data:
+            data = {("on" if key is True else key): value for key, value in data.items()}
+        return data
+
 
 PromptRef = Annotated[
     str,

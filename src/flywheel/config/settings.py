@@ -57,6 +57,12 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(
         default=4 * 1024 * 1024, description="Largest accepted request body."
     )
+    request_deadline: float = Field(
+        default=600.0,
+        gt=0,
+        description="Seconds a gateway call may take across all its retries and fallbacks "
+        "(to the first token when streaming).",
+    )
     local_max_batch_size: int = Field(default=8, ge=1, le=64)
     local_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     local_threads: int | None = Field(default=None, ge=1)

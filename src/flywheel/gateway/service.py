@@ -113,6 +113,7 @@ class Gateway:
         limiter: Limiter | None = None,
         on_budget_alert: AlertHandler | None = None,
         prompts: PromptResolver | None = None,
+        deadline: float | None = None,
     ) -> None:
         self.config = config
         self.providers = providers
@@ -122,6 +123,7 @@ class Gateway:
         self.limiter = limiter
         self.on_budget_alert = on_budget_alert
         self.prompts = prompts
+        self.deadline = deadline
 
     def reconfigure(self, config: FlywheelConfig) -> None:
         """Serve a new catalog and routes; calls in flight finish on the old ones."""
@@ -412,7 +414,17 @@ class Gateway:
     ) -> T:
         """:meth:`_run` for an admitted call: a failure frees its reservation and is traced."""
         try:
-            return await self._run(call, route, attempt)
+            try:
+                async with asyncio.timeout(self.deadline):
+                    return await self._run(call, route, attempt)
+            except TimeoutError:
+                # Per-target timeouts are handled inside; this is the whole call's limit.
+                raise GatewayError(
+                    504,
+                    f"No answer within the request deadline of {self.deadline:g} s "
+                    "(all retries and fallbacks included).",
+                    code="deadline_exceeded",
+                ) from None
         except BaseException as exc:
             await self._settle(call, None)
             if isinstance(exc, GatewayError):

@@ -211,6 +211,7 @@ class Services:
                 limiter=limiter,
                 on_budget_alert=budget_alert,
                 prompts=prompts.resolve,
+                deadline=settings.request_deadline,
             ),
             secret=session_secret(home),
             new_admin_key=new_admin_key,
