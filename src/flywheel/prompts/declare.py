@@ -4,6 +4,7 @@ export the registry back as specs (the round trip ``flywheel export`` → ``appl
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from flywheel.config.revisions import Change
@@ -40,6 +41,18 @@ def _wanted_labels(spec: PromptSpec, top: int) -> dict[str, int]:
     return dict.fromkeys(spec.labels, top)
 
 
+@dataclass(frozen=True)
+class PromptSteps:
+    """What applying one prompt spec does: versions to create after the ``stored`` ones, and
+    the labels it wants (label → version) next to where they point now."""
+
+    spec: PromptSpec
+    stored: int
+    to_create: list[PromptVersionSpec]
+    labels: dict[str, int]
+    current: dict[str, int]
+
+
 class PromptDeclarations:
     """Plans and applies a project's declared prompts; never deletes anything."""
 
@@ -54,10 +67,7 @@ class PromptDeclarations:
                 return []
             raise
 
-    def _steps(
-        self, project_id: str, spec: PromptSpec
-    ) -> tuple[list[PromptVersionSpec], dict[str, int], dict[str, int]]:
-        """(versions to create, labels to move → version, current labels) for one spec."""
+    def _steps(self, project_id: str, spec: PromptSpec) -> PromptSteps:
         existing = self._existing(project_id, spec.name)
         wanted = spec.version_specs()
         if spec.versions is None:
@@ -76,45 +86,55 @@ class PromptDeclarations:
                     )
             to_create = wanted[len(existing) :]
             top = max(len(existing), len(wanted))
-        current = {label: v.version for v in existing for label in v.labels}
-        return to_create, _wanted_labels(spec, top), current
+        return PromptSteps(
+            spec=spec,
+            stored=len(existing),
+            to_create=to_create,
+            labels=_wanted_labels(spec, top),
+            current={label: v.version for v in existing for label in v.labels},
+        )
 
-    def plan(self, project_id: str, specs: list[PromptSpec]) -> list[Change]:
+    def plan(self, project_id: str, specs: list[PromptSpec]) -> list[PromptSteps]:
+        """What each spec needs, read once and checked before anything is written."""
+        return [self._steps(project_id, spec) for spec in specs]
+
+    def changes(self, steps: list[PromptSteps]) -> list[Change]:
+        """The plan's lines: one per prompt, one per declared label."""
         changes: list[Change] = []
-        for spec in specs:
-            to_create, labels, current = self._steps(project_id, spec)
-            if to_create:
-                first = len(self._existing(project_id, spec.name)) + 1
-                numbers = ", ".join(f"v{first + i}" for i in range(len(to_create)))
+        for step in steps:
+            name = step.spec.name
+            if step.to_create:
+                first = step.stored + 1
+                numbers = ", ".join(f"v{first + i}" for i in range(len(step.to_create)))
                 action = "create" if first == 1 else "update"
-                changes.append(Change("prompt", spec.name, action, f"new {numbers}"))
+                changes.append(Change("prompt", name, action, f"new {numbers}"))
             else:
-                changes.append(Change("prompt", spec.name, "unchanged"))
-            for label, version in sorted(labels.items()):
-                name = f"{spec.name}:{label}"
-                if current.get(label) == version:
-                    changes.append(Change("label", name, "unchanged", f"v{version}"))
+                changes.append(Change("prompt", name, "unchanged"))
+            for label, version in sorted(step.labels.items()):
+                where = f"{name}:{label}"
+                if step.current.get(label) == version:
+                    changes.append(Change("label", where, "unchanged", f"v{version}"))
                 elif self.registry.is_protected(label):
-                    changes.append(Change("label", name, "approval", f"→ v{version}"))
+                    changes.append(Change("label", where, "approval", f"→ v{version}"))
                 else:
-                    changes.append(Change("label", name, "update", f"→ v{version}"))
+                    changes.append(Change("label", where, "update", f"→ v{version}"))
         return changes
 
     def apply(
         self,
         project_id: str,
-        specs: list[PromptSpec],
+        steps: list[PromptSteps],
         *,
         actor: str,
         author_id: str,
         request_approval: ApprovalRequester | None,
-    ) -> list[Change]:
-        """Create missing versions and move labels. A protected label is handed to
-        ``request_approval``; without one (an instance admin's explicit bypass) it moves now."""
-        changes = self.plan(project_id, specs)
-        for spec in specs:
-            to_create, labels, current = self._steps(project_id, spec)
-            for version in to_create:
+    ) -> None:
+        """Carry out :meth:`plan`'s steps: create missing versions and move labels. A
+        protected label is handed to ``request_approval``; without one (an instance admin's
+        explicit bypass) it moves now."""
+        for step in steps:
+            spec = step.spec
+            for version in step.to_create:
                 self.registry.create(
                     project_id,
                     spec.name,
@@ -130,8 +150,8 @@ class PromptDeclarations:
                     else (version.message or "flywheel apply"),
                     description=spec.description,
                 )
-            for label, number in labels.items():
-                if current.get(label) == number:
+            for label, number in step.labels.items():
+                if step.current.get(label) == number:
                     continue
                 if not self.registry.is_protected(label):
                     self.registry.set_label(project_id, spec.name, label, number, actor)
@@ -142,7 +162,6 @@ class PromptDeclarations:
                         self.registry.move_label(
                             session, project_id, spec.name, label, number, actor, "bypass"
                         )
-        return changes
 
     def export(self, project_id: str) -> list[dict[str, Any]]:
         """Every prompt of the project with its whole history, as ``prompts:`` entries."""

@@ -15,7 +15,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -24,6 +24,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from flywheel.config.schema import PROMPT_NAME_PATTERN
 from flywheel.errors import ServiceError
 from flywheel.prompts.templates import (
     Template,
@@ -36,7 +37,7 @@ from flywheel.prompts.templates import (
 from flywheel.security.audit import AuditLog
 from flywheel.store import Database, LabelEvent, Prompt, PromptLabel, PromptVersion
 
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+NAME_PATTERN = re.compile(PROMPT_NAME_PATTERN)
 LABEL_PATTERN = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
 # "latest" always means the newest version, so it cannot be a stored label.
 RESERVED_LABELS = frozenset({"latest"})
@@ -210,6 +211,13 @@ class PromptRegistry:
             created_at=row.created_at,
             labels=labels.get(row.version, []),
         )
+
+    def exists(self, project_id: str, name: str) -> bool:
+        with self.db.session() as session:
+            found = session.scalar(
+                select(Prompt.id).where(Prompt.project_id == project_id, Prompt.name == name)
+            )
+            return found is not None
 
     def get(self, project_id: str, name: str, selector: str | int | None = None) -> VersionView:
         """A version by number, by label, or the latest (``None`` or ``"latest"``)."""
@@ -414,7 +422,8 @@ class PromptRegistry:
                 409, f"Prompt '{name}' changed while saving; retry.", "conflict"
             ) from None
         self._cache.clear()
-        return self.get(project_id, name, view.version)
+        # A new version carries exactly the labels just pointed at it.
+        return replace(view, labels=sorted(labels))
 
     def _check_label(self, label: str, *, via_approval: bool) -> None:
         if not LABEL_PATTERN.match(label) or label in RESERVED_LABELS:
@@ -445,7 +454,6 @@ class PromptRegistry:
         self, project_id: str, name: str, label: str, version: int, actor: str
     ) -> dict[str, Any]:
         """Point an unprotected label at ``version``; rollback is moving it back."""
-        self._check_label(label, via_approval=False)
         with self.db.session() as session:
             event = self.move_label(session, project_id, name, label, version, actor, None)
         return event

@@ -8,6 +8,7 @@ section left out of a file is left as it is.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import yaml
@@ -16,7 +17,7 @@ from pydantic import ValidationError
 from flywheel.config import ConfigError, FlywheelConfig, describe_problem, load_config_text
 from flywheel.config.revisions import SECTIONS, Change, ConfigRevisions, plan_instance
 from flywheel.errors import ServiceError
-from flywheel.prompts.declare import PromptDeclarations
+from flywheel.prompts.declare import PromptDeclarations, PromptSteps
 from flywheel.security.approvals import ApprovalService
 from flywheel.security.audit import AuditLog
 from flywheel.security.rbac import Permission, Principal
@@ -38,6 +39,19 @@ def _parse(text: str, filename: str) -> FlywheelConfig:
         return load_config_text(text, filename)
     except ConfigError as exc:
         raise ConfigFileError(exc.problems) from None
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """A checked file: the instance config it leads to (None when it declares no instance
+    section), those sections' changes, and its prompts' steps (None: no ``prompts:``)."""
+
+    merged: FlywheelConfig | None
+    instance: list[Change]
+    prompts: list[PromptSteps] | None
+
+    def changes(self, declarations: PromptDeclarations) -> list[Change]:
+        return self.instance + (declarations.changes(self.prompts) if self.prompts else [])
 
 
 class ConfigService:
@@ -85,9 +99,10 @@ class ConfigService:
                 )
         return wanted
 
-    def _merged(self, wanted: dict[str, Any], text: str, filename: str) -> FlywheelConfig:
+    def _merged(
+        self, running: FlywheelConfig, wanted: dict[str, Any], text: str, filename: str
+    ) -> FlywheelConfig:
         """The running config with the file's instance sections replacing its own."""
-        running = self.running()
         document = running.instance_document() | wanted
         try:
             merged = FlywheelConfig.model_validate(document)
@@ -111,17 +126,26 @@ class ConfigService:
         }
         return merged.model_copy(update={"providers": providers})
 
-    def plan(self, caller: Principal, text: str, filename: str) -> list[Change]:
-        """What applying ``text`` would change; changes nothing."""
+    def _plan(self, caller: Principal, text: str, filename: str) -> _Plan:
+        """Parse and check the whole file, and read what it would change, before anything
+        is written."""
         config = _parse(text, filename)
         wanted = self._instance_part(caller, config)
-        changes: list[Change] = []
+        merged, instance = None, []
         if wanted:
-            self._merged(wanted, text, filename)
-            changes += plan_instance(self.running().instance_document(), wanted)
-        if "prompts" in config.model_fields_set:
-            changes += self.declarations.plan(caller.project_id, config.prompts)
-        return changes
+            running = self.running()
+            merged = self._merged(running, wanted, text, filename)
+            instance = plan_instance(running.instance_document(), wanted)
+        prompts = (
+            self.declarations.plan(caller.project_id, config.prompts)
+            if "prompts" in config.model_fields_set
+            else None
+        )
+        return _Plan(merged, instance, prompts)
+
+    def plan(self, caller: Principal, text: str, filename: str) -> list[Change]:
+        """What applying ``text`` would change; changes nothing."""
+        return self._plan(caller, text, filename).changes(self.declarations)
 
     def apply(
         self, caller: Principal, text: str, filename: str, bypass_approvals: bool = False
@@ -132,14 +156,12 @@ class ConfigService:
             raise ServiceError(
                 403, "Only an instance admin may bypass approvals.", "permission_denied"
             )
-        config = _parse(text, filename)
-        changes = self.plan(caller, text, filename)
-        wanted = self._instance_part(caller, config)
+        plan = self._plan(caller, text, filename)
+        changes = plan.changes(self.declarations)
         revision = None
-        if wanted:
-            merged = self._merged(wanted, text, filename)
+        if plan.merged is not None:
             before = self.revisions.latest_number()
-            revision, created = self.revisions.save(merged, filename, caller.actor)
+            revision, created = self.revisions.save(plan.merged, filename, caller.actor)
             if created:
                 self.audit.record(
                     actor=caller.actor,
@@ -150,12 +172,10 @@ class ConfigService:
                     after={
                         "revision": revision,
                         "source": filename,
-                        "changes": [
-                            c.to_dict() for c in changes if c.kind not in ("prompt", "label")
-                        ],
+                        "changes": [c.to_dict() for c in plan.instance],
                     },
                 )
-                self.activate(merged, revision)
+                self.activate(plan.merged, revision)
         approvals: list[str] = []
 
         def request(name: str, version: int, label: str) -> str:
@@ -163,10 +183,10 @@ class ConfigService:
             approvals.append(approval["id"])
             return str(approval["id"])
 
-        if "prompts" in config.model_fields_set:
+        if plan.prompts is not None:
             self.declarations.apply(
                 caller.project_id,
-                config.prompts,
+                plan.prompts,
                 actor=caller.actor,
                 author_id=caller.identity,
                 request_approval=None if bypass_approvals else request,

@@ -21,7 +21,7 @@ from fastapi.responses import RedirectResponse, Response, StreamingResponse
 from flywheel.errors import ServiceError
 from flywheel.gateway import CallContext, ChatCompletionRequest, GatewayError
 from flywheel.gateway.schemas import PROMPT_PREFIX
-from flywheel.prompts.registry import NAME_PATTERN, VersionView, diff_versions
+from flywheel.prompts.registry import VersionView, diff_versions
 from flywheel.prompts.templates import TemplateError, infer_schema
 from flywheel.security import Permission, Principal
 from flywheel.server.http import limit_subjects, services
@@ -165,12 +165,6 @@ async def create_prompt(request: Request, user: Principal = Depends(ui_authorize
     name = form.get("name", "").strip()
     kept = {k: form.get(k, "") for k in NEW_PROMPT_FIELDS}
     try:
-        if not NAME_PATTERN.match(name):
-            raise PageError(
-                400,
-                "A prompt name is 1-128 letters, digits, '.', '_' or '-', starting with a "
-                "letter or digit.",
-            )
         template = _new_prompt_template(form)
         params: dict[str, Any] = {}
         temperature = _float(form.get("temperature", ""), "Temperature", 0, 2)
@@ -182,8 +176,8 @@ async def create_prompt(request: Request, user: Principal = Depends(ui_authorize
         model = form.get("model", "").strip() or None
         if model is not None and model not in chat_models(svc, user):
             raise PageError(400, f"'{model}' is not a chat model or route you may call.")
-        existing = await run_in_threadpool(svc.prompts.overview, user.project_id)
-        if any(p["name"] == name for p in existing):
+        # The registry checks the name itself; a new prompt must not add to an existing one.
+        if await run_in_threadpool(svc.prompts.exists, user.project_id, name):
             raise PageError(
                 409,
                 f"A prompt named '{name}' already exists: open it to add a version in the "
