@@ -10,10 +10,21 @@ from typing import Annotated, Any
 
 import httpx
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from flywheel import __version__
+from flywheel.cli.common import (
+    DEFAULT_URL,
+    KeyOption,
+    ProjectOption,
+    UrlOption,
+    _client,
+    _fail,
+    _sdk_call,
+    console,
+    err,
+)
+from flywheel.cli.evals import datasets_app, eval_app, feedback_app
 
 app = typer.Typer(help="Flywheel: self-hosted LLMOps.", no_args_is_help=True, add_completion=False)
 keys_app = typer.Typer(help="API keys (works on the local database directly).")
@@ -28,20 +39,9 @@ app.add_typer(projects_app, name="projects")
 app.add_typer(users_app, name="users")
 app.add_typer(audit_app, name="audit")
 app.add_typer(secrets_app, name="secrets")
-
-console = Console()
-err = Console(stderr=True)
-
-UrlOption = Annotated[str, typer.Option("--url", envvar="FLYWHEEL_BASE_URL", help="Server URL.")]
-KeyOption = Annotated[
-    str | None, typer.Option("--api-key", envvar="FLYWHEEL_API_KEY", help="API key.")
-]
-DEFAULT_URL = "http://127.0.0.1:8000"
-
-
-def _fail(message: str) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {message}")
-    return typer.Exit(1)
+app.add_typer(datasets_app, name="datasets")
+app.add_typer(feedback_app, name="feedback")
+app.add_typer(eval_app, name="eval")
 
 
 def _api(url: str, api_key: str | None, path: str, params: dict[str, Any] | None = None) -> Any:
@@ -424,27 +424,6 @@ def config_check(
 
 prompts_app = typer.Typer(help="Versioned prompts (through the server's API).")
 app.add_typer(prompts_app, name="prompts")
-ProjectOption = Annotated[
-    str | None,
-    typer.Option("--project", envvar="FLYWHEEL_PROJECT", help="Project (instance keys)."),
-]
-
-
-def _client(url: str, api_key: str | None, project: str | None) -> Any:
-    from flywheel.sdk import Client
-
-    if not api_key:
-        raise _fail("no API key: pass --api-key or set FLYWHEEL_API_KEY")
-    return Client(url, api_key, project=project, cache_ttl=0)
-
-
-def _sdk_call(function: Any, *args: Any, **kwargs: Any) -> Any:
-    from flywheel.sdk import FlywheelError
-
-    try:
-        return function(*args, **kwargs)
-    except FlywheelError as exc:
-        raise _fail(exc.message) from None
 
 
 def _parse_ref(ref: str) -> tuple[str, str | int | None]:

@@ -94,7 +94,7 @@ class RetryPolicy(_Strict):
         return data
 
 
-PROMPT_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+RESOURCE_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 PromptRef = Annotated[
     str,
     Field(
@@ -170,7 +170,7 @@ class PromptSpec(_Strict):
     is made when it differs) or its whole ``versions`` history (as ``flywheel export``
     writes it). ``labels`` name the labels on the newest version, or map label → version."""
 
-    name: Annotated[str, Field(pattern=PROMPT_NAME_PATTERN)]
+    name: Annotated[str, Field(pattern=RESOURCE_NAME_PATTERN)]
     description: str = ""
     template: str | list[dict[str, str]] | None = None
     variables: dict[str, Any] | None = None

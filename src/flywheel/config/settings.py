@@ -57,6 +57,9 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(
         default=4 * 1024 * 1024, description="Largest accepted request body."
     )
+    max_upload_bytes: int = Field(
+        default=64 * 1024 * 1024, description="Largest dataset file accepted by an import."
+    )
     request_deadline: float = Field(
         default=600.0,
         gt=0,

@@ -63,6 +63,11 @@ class CallContext:
     trace_id: str = field(default_factory=new_trace_id)
     parent_id: str | None = None
     span_id: str = field(default_factory=new_span_id)
+    # Attributes the span records besides the gateway's own (an eval run's id, say).
+    attributes: dict[str, Any] | None = None
+    # Filled when the call is recorded: what it cost and how long it took, for callers
+    # inside the server (eval runs) that need more than the OpenAI response says.
+    outcome: dict[str, Any] | None = None
 
 
 @dataclass
@@ -130,6 +135,19 @@ class Gateway:
         self.config, self.routes = config, RouteTable(config)
 
     # -- discovery -------------------------------------------------------------------------
+
+    def knows(self, model: str) -> bool:
+        """Whether ``model`` names a route or a catalog model (not blocked) here."""
+        if model in self.routes.routes:
+            return True
+        return any(m.name == model and m.status != "blocked" for m in self.config.models)
+
+    def is_prompt_target(self, model: str) -> bool:
+        """Whether calls to ``model`` render a prompt (``prompt:…`` or a prompt route)."""
+        if model.startswith(PROMPT_PREFIX):
+            return True
+        route = self.routes.routes.get(model)
+        return route is not None and bool(route.prompt_targets)
 
     def list_models(self) -> list[dict[str, Any]]:
         """Routes first, then catalog models, in the OpenAI ``/v1/models`` shape."""
@@ -611,6 +629,11 @@ class Gateway:
         model = call.model
         cost = self._cost(call, usage)
         end = time.time()
+        latency_ms = (time.perf_counter() - call.perf_start) * 1000
+        attributes = call.attributes
+        if call.ctx.attributes:
+            attributes = {**(attributes or {}), **call.ctx.attributes}
+        call.ctx.outcome = {"cost": cost, "latency_ms": latency_ms, "trace_id": call.ctx.trace_id}
         self.writer.record(
             {
                 "trace_id": call.ctx.trace_id,
@@ -620,7 +643,7 @@ class Gateway:
                 "kind": call.kind,
                 "start_time": call.started,
                 "end_time": end,
-                "latency_ms": (time.perf_counter() - call.perf_start) * 1000,
+                "latency_ms": latency_ms,
                 "ttft_ms": call.ttft_ms,
                 "status": "error" if error is not None else status,
                 "status_code": error.status_code if error is not None else 200,
@@ -638,7 +661,7 @@ class Gateway:
                 "attempts": call.attempts,
                 "api_key_id": call.ctx.api_key_id,
                 "project_id": call.ctx.project_id,
-                "attributes": call.attributes,
+                "attributes": attributes,
             }
         )
 

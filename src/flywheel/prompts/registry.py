@@ -24,7 +24,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from flywheel.config.schema import PROMPT_NAME_PATTERN
+from flywheel.config.schema import RESOURCE_NAME_PATTERN
 from flywheel.errors import ServiceError
 from flywheel.prompts.templates import (
     Template,
@@ -37,7 +37,7 @@ from flywheel.prompts.templates import (
 from flywheel.security.audit import AuditLog
 from flywheel.store import Database, LabelEvent, Prompt, PromptLabel, PromptVersion
 
-NAME_PATTERN = re.compile(PROMPT_NAME_PATTERN)
+NAME_PATTERN = re.compile(RESOURCE_NAME_PATTERN)
 LABEL_PATTERN = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
 # "latest" always means the newest version, so it cannot be a stored label.
 RESERVED_LABELS = frozenset({"latest"})

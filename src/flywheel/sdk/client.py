@@ -26,9 +26,11 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Literal, overload
-from urllib.parse import quote
 
 import httpx
+
+from flywheel.sdk._paths import api_path as _path
+from flywheel.sdk.evals import Datasets, Evals, Feedback
 
 log = logging.getLogger("flywheel.sdk")
 
@@ -403,7 +405,8 @@ class Config:
 
 
 class Client:
-    """A Flywheel server: ``prompts``, ``approvals``, ``config`` and ``chat``.
+    """A Flywheel server: ``prompts``, ``approvals``, ``config``, ``datasets``,
+    ``feedback``, ``evals`` and ``chat``.
 
     ``base_url`` defaults to ``FLYWHEEL_BASE_URL`` (else ``http://127.0.0.1:8000``) and
     ``api_key`` to ``FLYWHEEL_API_KEY``. ``project`` picks a project for keys that may act
@@ -437,6 +440,9 @@ class Client:
         self.prompts = Prompts(self)
         self.approvals = Approvals(self)
         self.config = Config(self)
+        self.datasets = Datasets(self)
+        self.feedback = Feedback(self)
+        self.evals = Evals(self)
 
     def __repr__(self) -> str:
         return f"Client(base_url={self.base_url!r})"
@@ -521,6 +527,10 @@ class Client:
             raise FlywheelError._from_response(response)
         return response
 
+    def _raw(self, path: str, params: dict[str, Any] | None = None) -> bytes:
+        """A GET's body as bytes (JSONL exports)."""
+        return self._send(self._http.build_request("GET", path, params=params)).content
+
     def _request(
         self,
         method: str,
@@ -528,9 +538,10 @@ class Client:
         *,
         json: Any = None,
         params: dict[str, Any] | None = None,
+        content: bytes | None = None,
     ) -> Any:
         """Send a request; return the decoded JSON answer (``None`` when empty)."""
-        request = self._http.build_request(method, path, json=json, params=params)
+        request = self._http.build_request(method, path, json=json, params=params, content=content)
         response = self._send(request)
         if not response.content:
             return None
@@ -584,11 +595,6 @@ def _event(payload: str) -> dict[str, Any]:
             type=error.get("type"),
         )
     return event
-
-
-def _path(*parts: str) -> str:
-    """A URL path from segments, each percent-encoded (a name cannot add a segment)."""
-    return "/" + "/".join(quote(p, safe="") for p in parts)
 
 
 def _describe(name: str, label: str | None, version: int | None) -> str:

@@ -37,6 +37,10 @@ class Permission(StrEnum):
     AUDIT_READ = "audit:read"
     PROJECTS_MANAGE = "projects:manage"
     USERS_MANAGE = "users:manage"
+    DATASETS_READ = "datasets:read"
+    DATASETS_WRITE = "datasets:write"
+    EVALS_READ = "evals:read"
+    EVALS_WRITE = "evals:write"
 
 
 Role = Literal["viewer", "reviewer", "developer", "admin"]
@@ -53,13 +57,24 @@ READ = frozenset(
         P.COSTS_READ,
         P.PROMPTS_READ,
         P.APPROVALS_READ,
+        P.DATASETS_READ,
+        P.EVALS_READ,
     }
 )
 ROLE_PERMISSIONS: dict[str, frozenset[Permission]] = {
     "viewer": READ,
-    "reviewer": READ | {P.APPROVALS_DECIDE, P.FEEDBACK_WRITE},
+    # Reviewers label traces and turn them into dataset versions.
+    "reviewer": READ | {P.APPROVALS_DECIDE, P.FEEDBACK_WRITE, P.DATASETS_WRITE},
     "developer": READ
-    | {P.GATEWAY_CALL, P.TRACES_WRITE, P.FEEDBACK_WRITE, P.PROMPTS_WRITE, P.APPROVALS_REQUEST},
+    | {
+        P.GATEWAY_CALL,
+        P.TRACES_WRITE,
+        P.FEEDBACK_WRITE,
+        P.PROMPTS_WRITE,
+        P.APPROVALS_REQUEST,
+        P.DATASETS_WRITE,
+        P.EVALS_WRITE,
+    },
     "admin": READ
     | {
         P.GATEWAY_CALL,
@@ -68,6 +83,8 @@ ROLE_PERMISSIONS: dict[str, frozenset[Permission]] = {
         P.PROMPTS_WRITE,
         P.APPROVALS_REQUEST,
         P.APPROVALS_DECIDE,
+        P.DATASETS_WRITE,
+        P.EVALS_WRITE,
         P.KEYS_MANAGE,
         P.MEMBERS_MANAGE,
         P.SECRETS_MANAGE,

@@ -19,7 +19,7 @@ from flywheel.gateway import GatewayError, error_body
 from flywheel.security.secrets import install_redactor
 from flywheel.server.headers import SecurityHeaders
 from flywheel.server.http import validation_error
-from flywheel.server.routers import access, api, config, openai, prompts
+from flywheel.server.routers import access, api, config, datasets, evals, openai, prompts
 from flywheel.server.services import Services
 from flywheel.ui import govern
 from flywheel.ui import prompts as ui_prompts
@@ -75,6 +75,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(access.router)
     app.include_router(prompts.router)
     app.include_router(config.router)
+    app.include_router(datasets.router)
+    app.include_router(evals.router)
     ui.install(app)
     app.include_router(govern.router)
     app.include_router(ui_prompts.router)

@@ -43,10 +43,9 @@ def validation_error(errors: Sequence[Any]) -> GatewayError:
     )
 
 
-async def read_json(request: Request, model: type[M], *, optional: bool = False) -> M:
-    """Parse and validate a JSON body, refusing bodies over the configured size; with
-    ``optional``, an empty body means ``{}``."""
-    limit = services(request).settings.max_body_bytes
+async def read_body(request: Request, limit: int | None = None) -> bytes:
+    """The raw body, refused (413) past ``limit`` bytes (default: the configured size)."""
+    limit = limit or services(request).settings.max_body_bytes
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise GatewayError(
@@ -59,8 +58,15 @@ async def read_json(request: Request, model: type[M], *, optional: bool = False)
             raise GatewayError(
                 413, f"Request body is larger than {limit} bytes.", code="body_too_large"
             )
+    return bytes(body)
+
+
+async def read_json(request: Request, model: type[M], *, optional: bool = False) -> M:
+    """Parse and validate a JSON body, refusing bodies over the configured size; with
+    ``optional``, an empty body means ``{}``."""
+    body = await read_body(request)
     if optional and not body.strip():
-        body = bytearray(b"{}")
+        body = b"{}"
     try:
         data: Any = json.loads(body)
     except ValueError as exc:

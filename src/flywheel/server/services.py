@@ -8,13 +8,18 @@ import logging
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from pydantic import SecretStr
+from pydantic import SecretStr, ValidationError
 
 from flywheel.config import FlywheelConfig, Settings, load_config
 from flywheel.config.revisions import ConfigRevisions
-from flywheel.gateway import Gateway
-from flywheel.gateway.limits import BudgetAlert, Limiter, Subject, make_limiter
+from flywheel.datasets.store import DatasetStore
+from flywheel.errors import ServiceError
+from flywheel.evals.runner import EvalRunner
+from flywheel.evals.suites import EvalError, EvalSuites, is_prompt
+from flywheel.gateway import CallContext, ChatCompletionRequest, Gateway, GatewayError
+from flywheel.gateway.limits import BudgetAlert, Limiter, Limits, Subject, make_limiter
 from flywheel.prompts import PromptRegistry
 from flywheel.prompts.declare import PromptDeclarations
 from flywheel.providers import Provider, ProviderRegistry
@@ -26,6 +31,7 @@ from flywheel.security.throttle import LoginThrottle
 from flywheel.server.configuration import ConfigService
 from flywheel.store import DEFAULT_PROJECT_ID, Database
 from flywheel.tracing import TraceQueries, TraceWriter
+from flywheel.tracing.feedback import FeedbackStore
 
 log = logging.getLogger("flywheel.server")
 
@@ -110,7 +116,11 @@ class Services:
     limiter: Limiter
     gateway: Gateway
     secret: str
+    datasets: DatasetStore
+    feedback: FeedbackStore
+    suites: EvalSuites
     configs: ConfigService = field(init=False)
+    evals: EvalRunner = field(init=False)
     new_admin_key: str | None = None
     # Failed logins: per account, and (looser, for shared addresses) per client address.
     account_throttle: LoginThrottle = field(default_factory=lambda: LoginThrottle(10))
@@ -131,6 +141,48 @@ class Services:
             running=lambda: self.config,
             activate=self.activate,
         )
+        self.evals = EvalRunner(
+            self.db,
+            self.datasets,
+            self.eval_call,
+            self.resolve_eval_target,
+            self.gateway.is_prompt_target,
+        )
+
+    async def eval_call(
+        self, project_id: str, body: dict[str, Any]
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """One eval or judge call through the gateway, as the project (its budget and
+        limits apply); returns the response and its cost, latency and trace id."""
+        try:
+            request = ChatCompletionRequest.model_validate(body)
+        except ValidationError as exc:
+            raise EvalError(400, f"invalid eval request: {exc.errors()[0]['msg']}") from None
+        cached, limits = self.access.cached_project_limits(project_id)
+        if not cached:
+            limits = await asyncio.to_thread(self.access.project_limits, project_id)
+        ctx = CallContext(
+            project_id=project_id,
+            limit_subjects=(Subject("project", project_id, Limits(**limits)),) if limits else (),
+            attributes={"flywheel.eval": True},
+        )
+        try:
+            response = await self.gateway.chat(request, ctx)
+        except GatewayError as exc:
+            raise ServiceError(exc.status_code, exc.message, exc.code, exc.param) from None
+        return response, ctx.outcome or {}
+
+    def resolve_eval_target(self, project_id: str, target: str) -> str:
+        """A run's target pinned: a prompt label resolved to its version now, so that the
+        run (and its cache) says exactly what was evaluated."""
+        if is_prompt(target):
+            version = self.prompts.resolve(project_id, target[len("prompt:") :])
+            return f"prompt:{version.name}@{version.version}"
+        if not self.gateway.knows(target):
+            raise EvalError(
+                400, f"The target '{target}' is no route or model here.", "unknown_target", "target"
+            )
+        return target
 
     def activate(self, config: FlywheelConfig, revision: int) -> None:
         """Run ``config`` from now on (stored provider keys resolved); unchanged providers
@@ -215,6 +267,9 @@ class Services:
             ),
             secret=session_secret(home),
             new_admin_key=new_admin_key,
+            datasets=DatasetStore(db, audit),
+            feedback=FeedbackStore(db),
+            suites=EvalSuites(db, audit),
         )
 
     def start_background(self) -> None:
@@ -248,6 +303,7 @@ class Services:
         for task in (self._preload, self._watch):
             if task is not None and not task.done():
                 task.cancel()
+        await self.evals.close()
         await self.providers.aclose()
         await self.limiter.aclose()
         self.writer.close()

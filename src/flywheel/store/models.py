@@ -273,3 +273,169 @@ class SpanRecord(Base):
     attributes: Mapped[Any] = mapped_column(JSON, nullable=True)
     api_key_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
     project_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
+
+
+class Dataset(Base):
+    """A named dataset in a project; its items live in immutable versions."""
+
+    __tablename__ = "datasets"
+    __table_args__ = (UniqueConstraint("project_id", "name", name="uq_datasets_project_name"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    project_id: Mapped[str] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(128))
+    description: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[float] = mapped_column(Float)
+    created_by: Mapped[str] = mapped_column(String(200))
+
+
+class DatasetVersion(Base):
+    """One immutable version: its items, their content hash and where they came from."""
+
+    __tablename__ = "dataset_versions"
+    __table_args__ = (UniqueConstraint("dataset_id", "version", name="uq_dataset_versions"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    dataset_id: Mapped[str] = mapped_column(ForeignKey("datasets.id", ondelete="CASCADE"))
+    version: Mapped[int] = mapped_column(Integer)
+    content_hash: Mapped[str] = mapped_column(String(64))
+    item_count: Mapped[int] = mapped_column(Integer)
+    test_fraction: Mapped[float] = mapped_column(Float, default=0.2)
+    message: Mapped[str] = mapped_column(Text, default="")
+    source: Mapped[Any] = mapped_column(JSON)
+    created_at: Mapped[float] = mapped_column(Float)
+    created_by: Mapped[str] = mapped_column(String(200))
+
+
+class DatasetItem(Base):
+    """One item of one version: input messages and/or variables, the expected output, context
+    passages and metadata; ``split`` is derived from the item's hash, so it is stable."""
+
+    __tablename__ = "dataset_items"
+    __table_args__ = (Index("ix_dataset_items_version", "version_id", "position"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    version_id: Mapped[int] = mapped_column(ForeignKey("dataset_versions.id", ondelete="CASCADE"))
+    position: Mapped[int] = mapped_column(Integer)
+    item_hash: Mapped[str] = mapped_column(String(64))
+    split: Mapped[str] = mapped_column(String(8))
+    messages: Mapped[Any] = mapped_column(JSON, nullable=True)
+    variables: Mapped[Any] = mapped_column(JSON, nullable=True)
+    expected: Mapped[str | None] = mapped_column(Text, nullable=True)
+    context: Mapped[Any] = mapped_column(JSON)
+    meta: Mapped[Any] = mapped_column(JSON)
+
+
+class Feedback(Base):
+    """A rating, comment and/or correction (the preferred answer) on a trace."""
+
+    __tablename__ = "feedback"
+    __table_args__ = (
+        Index("ix_feedback_project_trace", "project_id", "trace_id"),
+        Index("ix_feedback_project_created", "project_id", "created_at"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    project_id: Mapped[str] = mapped_column(String(32))
+    trace_id: Mapped[str] = mapped_column(String(32))
+    rating: Mapped[float | None] = mapped_column(Float, nullable=True)
+    rating_kind: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    comment: Mapped[str] = mapped_column(Text, default="")
+    correction: Mapped[str | None] = mapped_column(Text, nullable=True)
+    source: Mapped[str] = mapped_column(String(16))
+    author: Mapped[str] = mapped_column(String(200))
+    api_key_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+class AnnotationTask(Base):
+    """A trace waiting in a project's annotation queue, taken by one reviewer at a time."""
+
+    __tablename__ = "annotation_tasks"
+    __table_args__ = (
+        UniqueConstraint("project_id", "queue", "trace_id", name="uq_annotation_task"),
+        Index("ix_annotation_tasks_status", "project_id", "queue", "status", "created_at"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    project_id: Mapped[str] = mapped_column(String(32))
+    queue: Mapped[str] = mapped_column(String(64))
+    trace_id: Mapped[str] = mapped_column(String(32))
+    status: Mapped[str] = mapped_column(String(16))
+    assignee: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    claimed_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    done_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+class EvalSuite(Base):
+    """A named evaluation: a dataset (version), a target, scorers and thresholds."""
+
+    __tablename__ = "eval_suites"
+    __table_args__ = (UniqueConstraint("project_id", "name", name="uq_eval_suites_project_name"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    project_id: Mapped[str] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(128))
+    definition: Mapped[Any] = mapped_column(JSON)
+    updated_at: Mapped[float] = mapped_column(Float)
+    updated_by: Mapped[str] = mapped_column(String(200))
+
+
+class EvalRun(Base):
+    """One evaluation of a target on a dataset version, with its summary once finished."""
+
+    __tablename__ = "eval_runs"
+    __table_args__ = (Index("ix_eval_runs_project_created", "project_id", "created_at"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    project_id: Mapped[str] = mapped_column(String(32))
+    suite: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    dataset: Mapped[str] = mapped_column(String(128))
+    dataset_version: Mapped[int] = mapped_column(Integer)
+    split: Mapped[str | None] = mapped_column(String(8), nullable=True)
+    target: Mapped[str] = mapped_column(String(300))
+    resolved_target: Mapped[str] = mapped_column(String(300))
+    spec: Mapped[Any] = mapped_column(JSON)
+    status: Mapped[str] = mapped_column(String(16))
+    total: Mapped[int] = mapped_column(Integer)
+    done: Mapped[int] = mapped_column(Integer, default=0)
+    failed: Mapped[int] = mapped_column(Integer, default=0)
+    cache_hits: Mapped[int] = mapped_column(Integer, default=0)
+    summary: Mapped[Any] = mapped_column(JSON, nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[float] = mapped_column(Float)
+    created_by: Mapped[str] = mapped_column(String(200))
+    started_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    finished_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class EvalResult(Base):
+    """One item's answer in a run, with every scorer's value and detail."""
+
+    __tablename__ = "eval_results"
+    __table_args__ = (UniqueConstraint("run_id", "position", name="uq_eval_results_position"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("eval_runs.id", ondelete="CASCADE"))
+    position: Mapped[int] = mapped_column(Integer)
+    item_hash: Mapped[str] = mapped_column(String(64))
+    output: Mapped[str | None] = mapped_column(Text, nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    latency_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
+    cost: Mapped[float | None] = mapped_column(Float, nullable=True)
+    cached: Mapped[bool] = mapped_column(Boolean, default=False)
+    trace_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    scores: Mapped[Any] = mapped_column(JSON)
+    details: Mapped[Any] = mapped_column(JSON)
+
+
+class ResponseCache(Base):
+    """Eval responses keyed by the hash of target, parameters and messages: re-runs are fast."""
+
+    __tablename__ = "response_cache"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    target: Mapped[str] = mapped_column(String(300))
+    response: Mapped[Any] = mapped_column(JSON)
+    created_at: Mapped[float] = mapped_column(Float)

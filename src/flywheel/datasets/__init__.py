@@ -1,0 +1,1 @@
+"""Datasets: immutable, content-hashed versions of items; import, export, quality."""

@@ -1,0 +1,1 @@
+"""Evaluation: scorers, LLM judges, statistics, eval runs, comparisons and the CI gate."""

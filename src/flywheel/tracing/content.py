@@ -1,0 +1,31 @@
+"""What a gateway span says: the messages it was sent and the answer it gave."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flywheel.store import SpanRecord
+
+
+def chat_messages(span: SpanRecord) -> list[dict[str, Any]] | None:
+    """The messages of a chat call, as sent (None when content capture was off)."""
+    messages = (span.input or {}).get("messages") if isinstance(span.input, dict) else None
+    if not isinstance(messages, list):
+        return None
+    return [m for m in messages if isinstance(m, dict)]
+
+
+def answer_text(span: SpanRecord) -> str | None:
+    """The first choice's text of a chat call (streamed or not), or None."""
+    output = span.output if isinstance(span.output, dict) else {}
+    choices = output.get("choices") or []
+    if not choices or not isinstance(choices[0], dict):
+        return None
+    message = choices[0].get("message") or {}
+    content = message.get("content") if isinstance(message, dict) else None
+    return content if isinstance(content, str) else None
+
+
+def chat_span(spans: list[SpanRecord]) -> SpanRecord | None:
+    """The gateway chat span of a trace (a caller's own spans may wrap it)."""
+    return next((s for s in spans if s.kind == "gateway.chat"), None)
