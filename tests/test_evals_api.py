@@ -372,3 +372,31 @@ def test_sdk_runs_and_compares(server: RunningServer, project_key: str) -> None:
         assert report["gate"]["passed"] is True
         assert [d["name"] for d in client.datasets.list()][:1] == ["asks"]
         assert len(client.datasets.items("asks")) == len(QUESTIONS)
+
+
+def test_suites_are_config_as_code(project: httpx.Client) -> None:
+    text = """suites:
+  - name: yaml-suite
+    dataset: asks
+    target: prompt:asker@staging
+    scorers: [exact_match]
+    thresholds: {exact_match: 0.5}
+"""
+    plan = project.post("/api/config/plan", json={"yaml": text, "filename": "fw.yaml"})
+    assert plan.status_code == 200, plan.text
+    assert plan.json()["changes"] == [
+        {"kind": "suite", "name": "yaml-suite", "action": "create", "detail": ""}
+    ]
+    applied = project.post("/api/config/apply", json={"yaml": text, "filename": "fw.yaml"})
+    assert applied.status_code == 200, applied.text
+    assert project.get("/api/evals/suites/yaml-suite").json()["thresholds"] == {"exact_match": 0.5}
+    again = project.post("/api/config/plan", json={"yaml": text, "filename": "fw.yaml"}).json()
+    assert again["changes"][0]["action"] == "unchanged"
+    exported = project.get("/api/config/export").text
+    assert "yaml-suite" in exported and "exact_match" in exported
+
+    bad = text.replace("scorers: [exact_match]", "scorers: [exact_match, nope]")
+    refused = project.post("/api/config/plan", json={"yaml": bad, "filename": "fw.yaml"})
+    assert refused.status_code == 400
+    assert refused.json()["error"]["message"].startswith("fw.yaml:")
+    assert "unknown scorer type 'nope'" in refused.json()["error"]["message"]

@@ -208,12 +208,15 @@ class PromptSpec(_Strict):
 
 class FlywheelConfig(_Strict):
     """The whole ``flywheel.yaml``. A section left out of a file is left as it is by
-    ``flywheel apply``; ``prompts`` belong to the project the file is applied to."""
+    ``flywheel apply``; ``prompts`` and ``suites`` belong to the project the file is
+    applied to."""
 
     providers: dict[Name, ProviderConfig] = Field(default_factory=dict)
     models: list[CatalogModel] = Field(default_factory=list)
     routes: list[RouteConfig] = Field(default_factory=list)
     prompts: list[PromptSpec] = Field(default_factory=list)
+    # Eval suites of the project (checked by ``flywheel.evals.suites.SuiteSpec`` on apply).
+    suites: list[dict[str, Any]] = Field(default_factory=list)
 
     def instance_document(self) -> dict[str, Any]:
         """Providers, models and routes as stored (never an inline API key)."""

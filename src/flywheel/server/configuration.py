@@ -1,7 +1,8 @@
 """Config as code over HTTP: export the running state as YAML, plan a file, apply it.
 
 The instance sections of a file (providers, models, routes) become a new config revision
-that every replica switches to; its ``prompts`` are applied to the caller's project. A
+that every replica switches to; its ``prompts`` and eval ``suites`` are applied to the
+caller's project. A
 section left out of a file is left as it is.
 """
 
@@ -17,6 +18,7 @@ from pydantic import ValidationError
 from flywheel.config import ConfigError, FlywheelConfig, describe_problem, load_config_text
 from flywheel.config.revisions import SECTIONS, Change, ConfigRevisions, plan_instance
 from flywheel.errors import ServiceError
+from flywheel.evals.suites import EvalSuites, SuiteSpec
 from flywheel.prompts.declare import PromptDeclarations, PromptSteps
 from flywheel.security.approvals import ApprovalService
 from flywheel.security.audit import AuditLog
@@ -49,9 +51,13 @@ class _Plan:
     merged: FlywheelConfig | None
     instance: list[Change]
     prompts: list[PromptSteps] | None
+    # Suites to write (unchanged ones left out) and every suite's line of the plan.
+    suites: list[SuiteSpec]
+    suite_changes: list[Change]
 
     def changes(self, declarations: PromptDeclarations) -> list[Change]:
-        return self.instance + (declarations.changes(self.prompts) if self.prompts else [])
+        prompts = declarations.changes(self.prompts) if self.prompts else []
+        return self.instance + prompts + self.suite_changes
 
 
 class ConfigService:
@@ -65,7 +71,9 @@ class ConfigService:
         audit: AuditLog,
         running: Callable[[], FlywheelConfig],
         activate: Activate,
+        suites: EvalSuites,
     ) -> None:
+        self.suites = suites
         self.revisions = revisions
         self.declarations = declarations
         self.approvals = approvals
@@ -141,7 +149,56 @@ class ConfigService:
             if "prompts" in config.model_fields_set
             else None
         )
-        return _Plan(merged, instance, prompts)
+        suites, suite_changes = self._plan_suites(caller.project_id, config, text, filename)
+        return _Plan(merged, instance, prompts, suites, suite_changes)
+
+    def _plan_suites(
+        self, project_id: str, config: FlywheelConfig, text: str, filename: str
+    ) -> tuple[list[SuiteSpec], list[Change]]:
+        """The file's suites checked (scorers built, thresholds matched), against the
+        stored ones."""
+        if "suites" not in config.model_fields_set:
+            return [], []
+        problems: list[str] = []
+        specs: list[SuiteSpec] = []
+        for index, data in enumerate(config.suites):
+            try:
+                spec = SuiteSpec.model_validate(data)
+                spec.build_scorers()
+            except ValidationError as exc:
+                for error in exc.errors():
+                    loc = ("suites", index, *error["loc"])
+                    problems.append(describe_problem(text, filename, loc, error["msg"]))
+                continue
+            except ServiceError as exc:
+                loc = ("suites", index, exc.param or "scorers")
+                problems.append(describe_problem(text, filename, loc, exc.message))
+                continue
+            specs.append(spec)
+        names = [spec.name for spec in specs]
+        for index, name in enumerate(names):
+            if name in names[:index]:
+                problems.append(
+                    describe_problem(
+                        text, filename, ("suites", index, "name"), f"duplicate suite '{name}'"
+                    )
+                )
+        if problems:
+            raise ConfigFileError(problems)
+        stored = {s["name"]: s for s in self.suites.list(project_id)}
+        writes, changes = [], []
+        for spec in specs:
+            definition = spec.model_dump(mode="json")
+            before = stored.get(spec.name)
+            if before is None:
+                changes.append(Change("suite", spec.name, "create"))
+            elif {k: before.get(k) for k in definition} != definition:
+                changes.append(Change("suite", spec.name, "update"))
+            else:
+                changes.append(Change("suite", spec.name, "unchanged"))
+                continue
+            writes.append(spec)
+        return writes, changes
 
     def plan(self, caller: Principal, text: str, filename: str) -> list[Change]:
         """What applying ``text`` would change; changes nothing."""
@@ -191,6 +248,8 @@ class ConfigService:
                 author_id=caller.identity,
                 request_approval=None if bypass_approvals else request,
             )
+        for spec in plan.suites:
+            self.suites.put(caller.project_id, spec, caller.actor)
         return {
             "revision": revision,
             "changes": [c.to_dict() for c in changes],
@@ -203,4 +262,12 @@ class ConfigService:
         prompts = self.declarations.export(project_id)
         if prompts:
             document["prompts"] = prompts
+        suites = [
+            SuiteSpec.model_validate(
+                {k: v for k, v in suite.items() if k not in ("updated_at", "updated_by")}
+            ).model_dump(mode="json", exclude_defaults=True)
+            for suite in self.suites.list(project_id)
+        ]
+        if suites:
+            document["suites"] = suites
         return yaml.safe_dump(document, sort_keys=False, allow_unicode=True, width=100)

@@ -140,6 +140,7 @@ class Services:
             self.audit,
             running=lambda: self.config,
             activate=self.activate,
+            suites=self.suites,
         )
         self.evals = EvalRunner(
             self.db,
