@@ -400,3 +400,30 @@ def test_suites_are_config_as_code(project: httpx.Client) -> None:
     assert refused.status_code == 400
     assert refused.json()["error"]["message"].startswith("fw.yaml:")
     assert "unknown scorer type 'nope'" in refused.json()["error"]["message"]
+
+
+def test_production_needs_a_passing_eval_run(server: RunningServer, project: httpx.Client) -> None:
+    """The approval gate reads the prompt's suites: asks-suite failed on version 2, and
+    yaml-suite has no run on version 1 until one is made."""
+    reviewer_key = project.post(
+        "/api/keys", json={"name": "second pair of eyes", "role": "admin", "scope": "admin"}
+    ).json()["key"]
+    worse = project.post("/api/approvals", json={"name": "asker", "version": 2}).json()
+    assert worse["gate"]["status"] == "failed", worse["gate"]
+    by_suite = {s["suite"]: s for s in worse["gate"]["suites"]}
+    assert by_suite["asks-suite"]["status"] == "failed"
+    assert by_suite["yaml-suite"]["status"] == "missing"
+
+    good = project.post("/api/approvals", json={"name": "asker", "version": 1}).json()
+    assert good["gate"]["status"] == "missing"
+    project.post(f"/api/approvals/{good['id']}/cancel")
+    wait_run(project, project.post("/api/evals/runs", json={"suite": "yaml-suite"}).json()["id"])
+    good = project.post("/api/approvals", json={"name": "asker", "version": 1}).json()
+    assert good["gate"]["status"] == "passed", good["gate"]
+
+    with _key_client(server, reviewer_key) as reviewer:
+        refused = reviewer.post(f"/api/approvals/{worse['id']}/approve")
+        assert refused.status_code == 409 and refused.json()["error"]["code"] == "gate_failed"
+        approved = reviewer.post(f"/api/approvals/{good['id']}/approve")
+        assert approved.status_code == 200, approved.text
+    assert project.get("/api/prompts/asker", params={"label": "production"}).json()["version"] == 1

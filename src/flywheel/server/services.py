@@ -16,6 +16,7 @@ from flywheel.config import FlywheelConfig, Settings, load_config
 from flywheel.config.revisions import ConfigRevisions
 from flywheel.datasets.store import DatasetStore
 from flywheel.errors import ServiceError
+from flywheel.evals.release import ReleaseGate
 from flywheel.evals.runner import EvalRunner
 from flywheel.evals.suites import EvalError, EvalSuites, is_prompt
 from flywheel.gateway import CallContext, ChatCompletionRequest, Gateway, GatewayError
@@ -149,6 +150,15 @@ class Services:
             self.resolve_eval_target,
             self.gateway.is_prompt_target,
         )
+        # Protected labels move only for versions that passed their eval suites.
+        self.approvals.gate = ReleaseGate(self.db, self.suites, self.evals, self.label_version)
+
+    def label_version(self, project_id: str, name: str, label: str) -> int | None:
+        """The version a prompt's label points at now, or None."""
+        try:
+            return self.prompts.get(project_id, name, label).version
+        except ServiceError:
+            return None
 
     async def eval_call(
         self, project_id: str, body: dict[str, Any]
