@@ -54,6 +54,7 @@ test: lint typecheck pytest
 bench: install
 	$(BIN)/python bench/gateway_overhead.py
 	$(BIN)/python bench/local_throughput.py
+	$(BIN)/python bench/eval_cache.py
 
 clean:
 	rm -rf $(VENV) node_modules src/flywheel/ui/static/vendor .cache test-artifacts

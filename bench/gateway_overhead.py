@@ -13,42 +13,22 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import signal
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import describe
+from _stack import running_stack
 
-from flywheel.testing.upstream import free_port
-
-BIN = Path(sys.executable).parent
-KEY = "fw-bench-key"
 BODY = {
     "model": "echo",
     "messages": [{"role": "user", "content": "How fast is the gateway today?"}],
 }
-
-
-def _wait(url: str, headers: dict[str, str] | None = None, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url, headers=headers, timeout=1).status_code < 500:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError(f"{url} did not come up")
 
 
 def _pct(values: list[float], pct: float) -> float:
@@ -95,39 +75,12 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write results here")
     args = parser.parse_args()
 
-    up_port, fw_port = free_port(), free_port()
-    home = Path(tempfile.mkdtemp(prefix="flywheel-bench-"))
-    (home / "flywheel.yaml").write_text(
-        "providers:\n"
-        f"  up: {{type: openai, base_url: 'http://127.0.0.1:{up_port}/v1'}}\n"
-        "models:\n  - {name: up-echo, provider: up, upstream_name: echo}\n"
-        "routes:\n  - {name: echo, targets: [{model: up-echo}]}\n"
-    )
-    env = {
-        **os.environ,
-        "FLYWHEEL_HOME": str(home),
-        "FLYWHEEL_CONFIG_FILE": str(home / "flywheel.yaml"),
-        "FLYWHEEL_ADMIN_KEY": KEY,
-        "FLYWHEEL_LOG_LEVEL": "warning",
-    }
-    upstream = subprocess.Popen(
-        [sys.executable, "-m", "flywheel.testing.upstream", "--port", str(up_port)],
-        stdout=subprocess.DEVNULL,
-    )
-    gateway = subprocess.Popen(
-        [str(BIN / "flywheel"), "up", "--port", str(fw_port)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    auth = {"Authorization": f"Bearer {KEY}"}
-    try:
-        _wait(f"http://127.0.0.1:{up_port}/calls")
-        _wait(f"http://127.0.0.1:{fw_port}/readyz")
+    with running_stack() as stack:
         targets = {
-            "direct": f"http://127.0.0.1:{up_port}/v1/chat/completions",
-            "gateway": f"http://127.0.0.1:{fw_port}/v1/chat/completions",
+            "direct": f"{stack.upstream_url}/v1/chat/completions",
+            "gateway": f"{stack.flywheel_url}/v1/chat/completions",
         }
+        auth = stack.auth
         results: dict[str, Any] = {"machine": describe(), "requests": args.requests, "runs": {}}
         for concurrency in (1, 16):
             for name, url in targets.items():
@@ -141,10 +94,6 @@ def main() -> None:
             results["runs"][f"added_c{concurrency}"] = {
                 k: round(via[k] - direct[k], 3) for k in ("p50_ms", "p95_ms", "p99_ms")
             }
-    finally:
-        for process in (gateway, upstream):
-            process.send_signal(signal.SIGTERM)
-            process.wait(30)
 
     print(f"machine: {results['machine']}")
     print(f"{'run':<14}{'rps':>9}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'errors':>8}")
