@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
 
 from flywheel.datasets.store import DatasetStore
 from flywheel.errors import ServiceError
@@ -394,6 +395,13 @@ class EvalRunner:
     def _store_cache(
         self, target: str, fresh: list[tuple[str, dict[str, Any], dict[str, Any]]]
     ) -> None:
+        # A concurrent run may store the same answers first: theirs are as good.
+        with contextlib.suppress(IntegrityError):
+            self._insert_cache(target, fresh)
+
+    def _insert_cache(
+        self, target: str, fresh: list[tuple[str, dict[str, Any], dict[str, Any]]]
+    ) -> None:
         now = time.time()
         with self.db.session() as session:
             present: set[str] = set()
@@ -461,7 +469,19 @@ class EvalRunner:
             gate = asyncio.Semaphore(job.spec.concurrency)
 
             async def complete(body: dict[str, Any]) -> dict[str, Any]:
-                response, _ = await self.caller(job.project_id, body)
+                # Judges' calls are cached like answers: a re-run asks the judge again only
+                # for answers it has not seen.
+                key = cache_key(str(body.get("model")), body)
+                if job.spec.cache:
+                    hit = (await asyncio.to_thread(self._cached, [key])).get(key)
+                    if hit is not None:
+                        response: dict[str, Any] = hit["response"]
+                        return response
+                response, meta = await self.caller(job.project_id, body)
+                if job.spec.cache:
+                    await asyncio.to_thread(
+                        self._store_cache, str(body.get("model")), [(key, response, meta)]
+                    )
                 return response
 
             async def judge(index: int, scorer: AnyScorer) -> None:
