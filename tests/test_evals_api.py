@@ -427,3 +427,26 @@ def test_production_needs_a_passing_eval_run(server: RunningServer, project: htt
         approved = reviewer.post(f"/api/approvals/{good['id']}/approve")
         assert approved.status_code == 200, approved.text
     assert project.get("/api/prompts/asker", params={"label": "production"}).json()["version"] == 1
+
+
+def test_a_run_whose_server_stopped_is_marked_failed(
+    server: RunningServer, project: httpx.Client
+) -> None:
+    """A row left 'running' with an old heartbeat (its server died) reads as failed."""
+    import sqlite3
+
+    run = wait_run(
+        project, project.post("/api/evals/runs", json={"suite": "asks-suite"}).json()["id"]
+    )
+    with sqlite3.connect(server.home / "flywheel.db") as db:
+        db.execute(
+            "UPDATE eval_runs SET status = 'running', heartbeat_at = 0 WHERE id = ?",
+            (run["id"],),
+        )
+    deadline = time.monotonic() + 15
+    while True:
+        orphan = project.get(f"/api/evals/runs/{run['id']}").json()
+        if orphan["status"] == "failed" or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert orphan["status"] == "failed" and orphan["error"].startswith("interrupted")

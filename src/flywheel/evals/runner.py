@@ -43,6 +43,8 @@ PromptTargetCheck = Callable[[str], bool]
 
 FINISHED = ("completed", "failed", "cancelled")
 PROGRESS_SECONDS = 0.5
+# A running run whose heartbeat is older than this lost its server (a restart, a crash).
+STALE_SECONDS = 60.0
 
 
 @dataclass
@@ -213,6 +215,7 @@ class EvalRunner:
         self.is_prompt_target = is_prompt_target
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._jobs: dict[str, _Job] = {}
+        self._reaped: dict[str, float] = {}
 
     # -- starting -------------------------------------------------------------------------
 
@@ -262,6 +265,7 @@ class EvalRunner:
             created_at=now,
             created_by=author,
             started_at=now,
+            heartbeat_at=now,
         )
         await asyncio.to_thread(self._insert, row)
         job = _Job(row.id, project_id, spec, resolved, items, scorers)
@@ -509,6 +513,7 @@ class EvalRunner:
                 done=progress.done,
                 failed=progress.failed,
                 cache_hits=progress.cache_hits,
+                heartbeat_at=time.time(),
             )
 
     def _update(self, run_id: str, **values: Any) -> None:
@@ -561,7 +566,33 @@ class EvalRunner:
 
     # -- reading --------------------------------------------------------------------------
 
+    def _reap(self, project_id: str) -> None:
+        """Runs left ``running`` by a server that stopped are marked failed (looked for at
+        most every few seconds per project: reads poll often)."""
+        now = time.time()
+        if now - self._reaped.get(project_id, 0.0) < STALE_SECONDS / 10:
+            return
+        self._reaped[project_id] = now
+        stale = now - STALE_SECONDS
+        with self.db.session() as session:
+            session.execute(
+                update(EvalRun)
+                .where(
+                    EvalRun.project_id == project_id,
+                    EvalRun.status == "running",
+                    EvalRun.heartbeat_at < stale,
+                    EvalRun.id.not_in(list(self._jobs) or [""]),
+                )
+                .values(
+                    status="failed",
+                    error="interrupted: the server running it stopped",
+                    finished_at=time.time(),
+                )
+                .execution_options(synchronize_session=False)
+            )
+
     def get(self, project_id: str, run_id: str) -> dict[str, Any]:
+        self._reap(project_id)
         with self.db.session() as session:
             row = session.get(EvalRun, run_id)
             if row is None or row.project_id != project_id:
@@ -580,6 +611,7 @@ class EvalRunner:
     def recent(
         self, project_id: str, *, suite: str | None = None, limit: int = 50
     ) -> list[dict[str, Any]]:
+        self._reap(project_id)
         query = select(EvalRun).where(EvalRun.project_id == project_id)
         if suite is not None:
             query = query.where(EvalRun.suite == suite)

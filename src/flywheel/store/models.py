@@ -408,6 +408,8 @@ class EvalRun(Base):
     created_by: Mapped[str] = mapped_column(String(200))
     started_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     finished_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # Written while the run goes; a running run whose heartbeat stopped lost its server.
+    heartbeat_at: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
 class EvalResult(Base):
