@@ -12,13 +12,16 @@ import asyncio
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from flywheel.config import CatalogModel
+from flywheel.providers.base import InvalidRequest
+from flywheel.providers.local import LocalProvider
 from flywheel.providers.local_engine import (
     BatchingEngine,
     EngineClosedError,
@@ -353,3 +356,117 @@ def test_bfloat16_model_with_packed_weights(model: LocalChatModel) -> None:
         chat.close()
     assert "Paris" in text
     assert deltas[-1].finish_reason == "stop"
+
+
+def scored(max_tokens: int, top: int = 5) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=0, logprobs=True, top_logprobs=top)
+
+
+def test_logprobs_are_the_models_own(model: LocalChatModel) -> None:
+    """Each token's log-probability and top alternatives agree with one plain forward pass
+    over the prompt and the generated tokens."""
+    events = asyncio.run(token_ids(model, FRANCE, scored(10)))
+    prompt = model.encode_chat(FRANCE)
+    ids = [e.token_id for e in events]
+
+    def reference() -> torch.Tensor:
+        logits = model.model(torch.tensor([prompt + ids])).logits[0].float()
+        return torch.log_softmax(logits[len(prompt) - 1 : -1], dim=-1)
+
+    expected = model.engine.call(reference).result()
+    for i, event in enumerate(events):
+        assert event.logprob is not None
+        assert event.logprob == pytest.approx(expected[i, event.token_id].item(), abs=1e-3)
+        assert len(event.top_logprobs) == 5
+        values = [v for _, v in event.top_logprobs]
+        assert values == sorted(values, reverse=True)
+        # Greedy decoding picks the likeliest token: the first alternative.
+        assert event.top_logprobs[0] == (event.token_id, pytest.approx(event.logprob))
+        top_ids = expected[i].topk(5).indices.tolist()
+        assert [t for t, _ in event.top_logprobs] == top_ids
+
+
+def test_logprobs_only_for_requests_that_ask(model: LocalChatModel) -> None:
+    async def scenario() -> tuple[list[TokenEvent], list[TokenEvent]]:
+        with_scores, plain = await asyncio.gather(
+            token_ids(model, FRANCE, scored(12, top=0)), token_ids(model, FRANCE, greedy(12))
+        )
+        return with_scores, plain
+
+    with_scores, plain = asyncio.run(scenario())
+    # Batched together, both rows decode the same tokens; only the asking row is scored.
+    assert [e.token_id for e in with_scores] == [e.token_id for e in plain]
+    assert all(e.logprob is not None and e.logprob <= 0 for e in with_scores)
+    assert all(e.top_logprobs == () for e in with_scores)
+    assert all(e.logprob is None and e.top_logprobs == () for e in plain)
+
+
+def test_text_deltas_carry_token_logprobs(model: LocalChatModel) -> None:
+    text, deltas = asyncio.run(collect(model, FRANCE, scored(24, top=3)))
+    tokens = [t for d in deltas for t in d.logprobs]
+    assert deltas[-1].finish_reason == "stop"
+    # Every generated token but the end-of-sequence one, whose bytes spell the text.
+    assert len(tokens) == deltas[-1].completion_tokens - 1
+    assert b"".join(bytes(t.token_bytes) for t in tokens).decode() == text
+    assert "".join(t.token for t in tokens) == text
+    assert all(len(t.top_logprobs) == 3 and t.logprob <= 0 for t in tokens)
+    # A character split across tokens: each token holds some of its bytes, exactly.
+    ids = model.tokenizer("🌍", add_special_tokens=False)["input_ids"]
+    assert len(ids) > 1
+    assert b"".join(bytes(model.token_text(i)[1]) for i in ids) == "🌍".encode()
+
+
+def test_logprob_params_are_checked() -> None:
+    with pytest.raises(ValueError, match="top_logprobs must be between 0 and 20"):
+        SamplingParams(max_tokens=4, logprobs=True, top_logprobs=21)
+    with pytest.raises(ValueError, match="needs logprobs"):
+        SamplingParams(max_tokens=4, top_logprobs=2)
+    with pytest.raises(ValueError, match="logprobs must be a boolean"):
+        SamplingParams(max_tokens=4, logprobs=cast(bool, "yes"))
+    assert SamplingParams(max_tokens=4, logprobs=True, top_logprobs=20).top_logprobs == 20
+
+
+def test_provider_returns_openai_logprobs(model: LocalChatModel) -> None:
+    provider = LocalProvider("local", MODEL_CACHE, dtype="float32", max_batch_size=2)
+    catalog = CatalogModel(name="smol", provider="local", source=str(model.folder))
+    body = {"messages": FRANCE, "temperature": 0, "max_tokens": 12}
+
+    async def scenario() -> tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]]]:
+        try:
+            asked = await provider.chat(catalog, {**body, "logprobs": True, "top_logprobs": 3}, 60)
+            plain = await provider.chat(catalog, body, 60)
+            chunks = [
+                c async for c in provider.stream_chat(catalog, {**body, "logprobs": True}, 60)
+            ]
+            for bad, param in (
+                ({"top_logprobs": 50, "logprobs": True}, "top_logprobs"),
+                ({"logprobs": "yes"}, "logprobs"),
+            ):
+                with pytest.raises(InvalidRequest) as refused:
+                    await provider.chat(catalog, {**body, **bad}, 60)
+                assert refused.value.param == param
+            return asked, plain, chunks
+        finally:
+            await provider.aclose()
+
+    asked, plain, chunks = asyncio.run(scenario())
+    choice = asked["choices"][0]
+    content = choice["logprobs"]["content"]
+    assert "".join(e["token"] for e in content) == choice["message"]["content"]
+    assert "Paris" in choice["message"]["content"]
+    for entry in content:
+        assert set(entry) == {"token", "logprob", "bytes", "top_logprobs"}
+        assert bytes(entry["bytes"]).decode() == entry["token"]
+        assert len(entry["top_logprobs"]) == 3
+        assert entry["top_logprobs"][0]["logprob"] == pytest.approx(entry["logprob"])
+        assert set(entry["top_logprobs"][0]) == {"token", "logprob", "bytes"}
+    assert plain["choices"][0]["logprobs"] is None
+    assert plain["choices"][0]["message"]["content"] == choice["message"]["content"]
+    streamed = [
+        e
+        for c in chunks
+        for ch in c["choices"]
+        for e in (ch.get("logprobs") or {}).get("content", [])
+    ]
+    assert [e["token"] for e in streamed] == [e["token"] for e in content]
+    assert all(e["top_logprobs"] == [] for e in streamed)

@@ -21,13 +21,15 @@ from flywheel.providers.base import InvalidRequest, ProviderError
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
 
-    from flywheel.providers.local_model import LocalChatModel
+    from flywheel.providers.local_model import LocalChatModel, TokenLogprob
 
 log = logging.getLogger("flywheel.providers.local")
 T = TypeVar("T")
 
 DEFAULT_MAX_TOKENS = 512
-_UNSUPPORTED = ("tools", "functions", "tool_choice", "logprobs", "response_format")
+_UNSUPPORTED = ("tools", "functions", "tool_choice", "response_format")
+# JSON has no -Infinity; OpenAI reports a vanishing probability as this floor as well.
+_LOGPROB_FLOOR = -9999.0
 
 
 def _offline_and_quiet() -> None:
@@ -66,6 +68,26 @@ def _text_content(content: Any, index: int) -> str:
             )
         parts.append(part.get("text", ""))
     return "".join(parts)
+
+
+def _logprob(value: float) -> float:
+    return value if value > _LOGPROB_FLOOR else _LOGPROB_FLOOR
+
+
+def logprob_entries(tokens: tuple[TokenLogprob, ...]) -> list[dict[str, Any]]:
+    """Tokens as OpenAI's ``choices[].logprobs.content`` entries."""
+    return [
+        {
+            "token": t.token,
+            "logprob": _logprob(t.logprob),
+            "bytes": list(t.token_bytes),
+            "top_logprobs": [
+                {"token": a.token, "logprob": _logprob(a.logprob), "bytes": list(a.token_bytes)}
+                for a in t.top_logprobs
+            ],
+        }
+        for t in tokens
+    ]
 
 
 def to_plain_messages(messages: list[dict[str, Any]]) -> list[dict[str, str]]:
@@ -168,6 +190,8 @@ class LocalProvider:
         )
         temperature = body.get("temperature")
         top_p = body.get("top_p")
+        logprobs = body.get("logprobs")
+        top_logprobs = body.get("top_logprobs")
         try:
             return SamplingParams(
                 max_tokens=max_tokens,
@@ -175,9 +199,12 @@ class LocalProvider:
                 top_p=1.0 if top_p is None else top_p,
                 seed=body.get("seed"),
                 stop=[stop] if isinstance(stop, str) else list(stop),
+                logprobs=False if logprobs is None else logprobs,
+                top_logprobs=0 if top_logprobs is None else top_logprobs,
             )
         except ValueError as exc:
-            raise InvalidRequest(str(exc)) from None
+            param = next((p for p in ("top_logprobs", "logprobs") if p in str(exc)), None)
+            raise InvalidRequest(str(exc), param=param) from None
 
     async def stream_chat(
         self, model: CatalogModel, body: dict[str, Any], timeout: float
@@ -199,11 +226,11 @@ class LocalProvider:
             async with contextlib.aclosing(chat.generate(messages, params)) as deltas:
                 async for delta in deltas:
                     prompt_tokens, completion_tokens = delta.prompt_tokens, delta.completion_tokens
-                    if delta.text:
-                        yield {
-                            **base,
-                            "choices": [{"index": 0, "delta": {"content": delta.text}}],
-                        }
+                    if delta.text or delta.logprobs:
+                        choice: dict[str, Any] = {"index": 0, "delta": {"content": delta.text}}
+                        if params.logprobs:
+                            choice["logprobs"] = {"content": logprob_entries(delta.logprobs)}
+                        yield {**base, "choices": [choice]}
                     if delta.finish_reason:
                         finish_reason = delta.finish_reason
         except ValueError as exc:
@@ -229,11 +256,15 @@ class LocalProvider:
         usage: dict[str, int] = {}
         response_id = ""
         created = int(time.time())
+        # OpenAI's shape: `"logprobs": null` unless asked for, then every token's entry.
+        scored: list[dict[str, Any]] | None = [] if body.get("logprobs") else None
         async for chunk in self.stream_chat(model, body, timeout):
             response_id = chunk["id"]
             for choice in chunk["choices"]:
                 text.append(choice["delta"].get("content") or "")
                 finish_reason = choice.get("finish_reason") or finish_reason
+                if scored is not None and choice.get("logprobs"):
+                    scored.extend(choice["logprobs"]["content"])
             usage = chunk.get("usage") or usage
         return {
             "id": response_id,
@@ -245,7 +276,7 @@ class LocalProvider:
                     "index": 0,
                     "message": {"role": "assistant", "content": "".join(text)},
                     "finish_reason": finish_reason,
-                    "logprobs": None,
+                    "logprobs": None if scored is None else {"content": scored},
                 }
             ],
             "usage": usage,

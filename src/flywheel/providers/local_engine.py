@@ -30,6 +30,7 @@ log = logging.getLogger("flywheel.providers.local_engine")
 
 FinishReason = Literal["stop", "length"]
 _T = TypeVar("_T")
+MAX_TOP_LOGPROBS = 20
 
 
 @dataclass
@@ -39,6 +40,9 @@ class SamplingParams:
     ``temperature`` 0 means greedy decoding; ``seed`` makes sampling reproducible for the request;
     ``stop`` strings end the output (OpenAI semantics: the stop string itself is not returned).
     ``max_tokens`` counts every generated token, the end-of-sequence token included.
+    ``logprobs`` asks for each picked token's log-probability and ``top_logprobs`` for the
+    likeliest alternatives (0-20), both under the model's own distribution (before temperature
+    and top_p), as OpenAI reports them.
     """
 
     max_tokens: int
@@ -46,6 +50,8 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    logprobs: bool = False
+    top_logprobs: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int):
@@ -65,14 +71,31 @@ class SamplingParams:
         if not isinstance(self.stop, list) or not all(isinstance(s, str) for s in self.stop):
             raise ValueError("stop must be a list of strings")
         self.stop = [s for s in self.stop if s]
+        if not isinstance(self.logprobs, bool):
+            raise ValueError(f"logprobs must be a boolean, not {self.logprobs!r}")
+        if isinstance(self.top_logprobs, bool) or not isinstance(self.top_logprobs, int):
+            raise ValueError(f"top_logprobs must be an integer, not {self.top_logprobs!r}")
+        if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(
+                f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}, not {self.top_logprobs}"
+            )
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs to be true")
 
 
 @dataclass(frozen=True, slots=True)
 class TokenEvent:
-    """One generated token; ``finish_reason`` is set on the request's last token."""
+    """One generated token; ``finish_reason`` is set on the request's last token.
+
+    For a request that asked for ``logprobs``, ``logprob`` is the token's log-probability and
+    ``top_logprobs`` the ``(token_id, logprob)`` pairs of the likeliest tokens, best first;
+    otherwise they are ``None`` and empty.
+    """
 
     token_id: int
     finish_reason: FinishReason | None
+    logprob: float | None = None
+    top_logprobs: tuple[tuple[int, float], ...] = ()
 
 
 class EngineClosedError(RuntimeError):
@@ -89,6 +112,8 @@ class _Cancelled:
 
 _CANCELLED = _Cancelled()
 _QueueItem = TokenEvent | BaseException | _Cancelled
+# A picked token's log-probability and the top alternatives, for a row that asked for them.
+_Logprobs = tuple[float, tuple[tuple[int, float], ...]]
 _Call = tuple[Callable[[], Any], concurrent.futures.Future[Any]]
 
 
@@ -477,9 +502,10 @@ class BatchingEngine:
                 generator.manual_seed(secrets.randbits(63) if seed is None else seed % 2**64)
                 request.generator = generator
         tokens = self._sample(logits, newcomers)
+        logprobs = self._logprobs(logits, newcomers, tokens)
         self._merge(cache, mask)
         self._rows.extend(newcomers)
-        self._emit(newcomers, tokens)
+        self._emit(newcomers, tokens, logprobs)
 
     def _decode(self) -> None:
         assert self._cache is not None and self._mask is not None
@@ -498,7 +524,8 @@ class BatchingEngine:
         self._mask = mask
         for request in rows:
             request.length += 1
-        self._emit(rows, self._sample(logits, rows))
+        tokens = self._sample(logits, rows)
+        self._emit(rows, tokens, self._logprobs(logits, rows, tokens))
 
     def _sample(self, logits: torch.Tensor, requests: list[_Request]) -> list[int]:
         """Pick each row's next token: greedy rows by argmax, the others by inverse-CDF sampling
@@ -532,8 +559,39 @@ class BatchingEngine:
         tokens[rows] = choice
         return list(tokens.tolist())
 
-    def _emit(self, requests: list[_Request], tokens: list[int]) -> None:
-        for request, token in zip(requests, tokens, strict=True):
+    @staticmethod
+    def _logprobs(
+        logits: torch.Tensor, requests: list[_Request], tokens: list[int]
+    ) -> list[_Logprobs | None] | None:
+        """Per row, the picked token's log-probability and the top alternatives; computed for
+        the rows that asked only (``None`` when none did, the usual case: no extra work)."""
+        wanted = [i for i, r in enumerate(requests) if r.params.logprobs]
+        if not wanted:
+            return None
+        device = logits.device
+        rows = torch.tensor(wanted, dtype=torch.long, device=device)
+        logp = torch.log_softmax(logits.index_select(0, rows), dim=-1)
+        picked = torch.tensor([[tokens[i]] for i in wanted], dtype=torch.long, device=device)
+        chosen: list[float] = logp.gather(1, picked).squeeze(1).tolist()
+        k = max(requests[i].params.top_logprobs for i in wanted)
+        top_values: list[list[float]] = [[] for _ in wanted]
+        top_ids: list[list[int]] = [[] for _ in wanted]
+        if k:
+            values, ids = logp.topk(k, dim=-1)
+            top_values, top_ids = values.tolist(), ids.tolist()
+        out: list[_Logprobs | None] = [None] * len(requests)
+        for j, i in enumerate(wanted):
+            n = requests[i].params.top_logprobs
+            out[i] = (chosen[j], tuple(zip(top_ids[j][:n], top_values[j][:n], strict=True)))
+        return out
+
+    def _emit(
+        self,
+        requests: list[_Request],
+        tokens: list[int],
+        logprobs: list[_Logprobs | None] | None = None,
+    ) -> None:
+        for i, (request, token) in enumerate(zip(requests, tokens, strict=True)):
             if request.done or request.cancelled:
                 continue
             request.generated += 1
@@ -550,7 +608,13 @@ class BatchingEngine:
                 finish = "length"
             if finish is not None:
                 request.done = True
-            self._deliver(request, TokenEvent(token, finish))
+            scored = logprobs[i] if logprobs is not None else None
+            event = (
+                TokenEvent(token, finish)
+                if scored is None
+                else TokenEvent(token, finish, scored[0], scored[1])
+            )
+            self._deliver(request, event)
 
     def _merge(self, cache: DynamicCache, mask: torch.Tensor) -> None:
         """Append freshly prefilled rows to the running batch, left-padding whichever is shorter."""

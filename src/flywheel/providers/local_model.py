@@ -27,6 +27,7 @@ from flywheel.providers.local_engine import (
     FinishReason,
     RequestHandle,
     SamplingParams,
+    TokenEvent,
 )
 
 __all__ = [
@@ -36,6 +37,7 @@ __all__ = [
     "LocalChatModel",
     "SamplingParams",
     "TextDelta",
+    "TokenLogprob",
     "materialize_model",
     "resolve_model_source",
 ]
@@ -260,14 +262,33 @@ def _pack_linears(model: torch.nn.Module, batch_hint: int) -> int:
 
 
 @dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """A token's text, its exact UTF-8 bytes (a token may hold part of a character, then
+    ``token`` shows U+FFFD) and its log-probability; ``top_logprobs`` the likeliest tokens at
+    its position, best first (empty for the alternatives themselves)."""
+
+    token: str
+    token_bytes: tuple[int, ...]
+    logprob: float
+    top_logprobs: tuple[TokenLogprob, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class TextDelta:
     """A piece of generated text. The last delta of a generation carries ``finish_reason``;
-    token counts are running totals (``completion_tokens`` includes an end-of-sequence token)."""
+    token counts are running totals (``completion_tokens`` includes an end-of-sequence token).
+
+    With ``SamplingParams.logprobs``, ``logprobs`` holds the tokens generated since the previous
+    delta (end-of-sequence tokens excepted; the tokens that ran into a stop string included);
+    text held back by decoding or stop matching reaches a later delta than its tokens' entry
+    would suggest, so join all deltas' entries for the whole answer.
+    """
 
     text: str
     finish_reason: FinishReason | None
     prompt_tokens: int
     completion_tokens: int
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 class _IncrementalDecoder:
@@ -343,6 +364,21 @@ class _StopMatcher:
         return out
 
 
+def _byte_level_decoder(tokenizer: Any) -> dict[str, int] | None:
+    """GPT-2 style byte-level tokenizers spell each byte as one printable character; the
+    inverse table gives a token's exact bytes. ``None`` for other tokenizers."""
+    from tokenizers import decoders
+
+    try:
+        from transformers.convert_slow_tokenizer import bytes_to_unicode
+    except ImportError:  # moved in some release: token bytes then come from the decoded text
+        return None
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or not isinstance(backend.decoder, decoders.ByteLevel):
+        return None
+    return {char: byte for byte, char in bytes_to_unicode().items()}
+
+
 class LocalChatModel:
     """A chat model in this process: tokenizer, weights and a continuous-batching engine.
 
@@ -383,6 +419,8 @@ class LocalChatModel:
         if not self.eos_token_ids:
             raise ValueError(f"model {self.name!r} defines no end-of-sequence token")
         pad = self.tokenizer.pad_token_id
+        self._byte_decoder = _byte_level_decoder(self.tokenizer)
+        self._token_texts: dict[int, tuple[str, tuple[int, ...]]] = {}
         self.engine = BatchingEngine(
             self.model,
             eos_token_ids=self.eos_token_ids,
@@ -465,6 +503,28 @@ class LocalChatModel:
             return len(self.tokenizer(text_or_messages, add_special_tokens=False)["input_ids"])
         return len(self._render(text_or_messages))
 
+    def token_text(self, token_id: int) -> tuple[str, tuple[int, ...]]:
+        """A single token's text and its exact UTF-8 bytes (cached: bounded by the vocabulary)."""
+        if (known := self._token_texts.get(token_id)) is not None:
+            return known
+        text = cast(str, self.tokenizer.decode([token_id]))
+        raw = tuple(text.encode("utf-8"))
+        if self._byte_decoder is not None:
+            piece = self.tokenizer.convert_ids_to_tokens(token_id)
+            if isinstance(piece, str) and all(c in self._byte_decoder for c in piece):
+                raw = tuple(self._byte_decoder[c] for c in piece)
+        self._token_texts[token_id] = (text, raw)
+        return text, raw
+
+    def _token_logprob(self, event: TokenEvent) -> TokenLogprob:
+        assert event.logprob is not None
+        text, raw = self.token_text(event.token_id)
+        top = []
+        for token_id, logprob in event.top_logprobs:
+            top_text, top_raw = self.token_text(token_id)
+            top.append(TokenLogprob(top_text, top_raw, logprob))
+        return TokenLogprob(text, raw, event.logprob, tuple(top))
+
     def submit(self, prompt_ids: Sequence[int], params: SamplingParams) -> RequestHandle:
         """Queue raw prompt tokens with the engine (for callers that stream token ids)."""
         return self.engine.submit(prompt_ids, params)
@@ -483,21 +543,27 @@ class LocalChatModel:
         decoder = _IncrementalDecoder(self.tokenizer)
         matcher = _StopMatcher(params.stop)
         completion = 0
+        # Entries of tokens whose text is not out yet; they go with the next delta.
+        scored: list[TokenLogprob] = []
         try:
             async for event in handle:
                 completion += 1
                 finish = event.finish_reason
-                text = "" if event.token_id in self.eos_token_ids else decoder.push(event.token_id)
+                eos = event.token_id in self.eos_token_ids
+                text = "" if eos else decoder.push(event.token_id)
+                if event.logprob is not None and not eos:
+                    scored.append(self._token_logprob(event))
                 if finish is not None:
                     text += decoder.flush()
                 out = matcher.feed(text)
                 if matcher.stopped:
                     handle.cancel()
-                    yield TextDelta(out, "stop", len(prompt), completion)
+                    yield TextDelta(out, "stop", len(prompt), completion, tuple(scored))
                     return
                 if finish is not None:
                     out += matcher.flush()
                 if out or finish is not None:
-                    yield TextDelta(out, finish, len(prompt), completion)
+                    yield TextDelta(out, finish, len(prompt), completion, tuple(scored))
+                    scored = []
         finally:
             handle.cancel()
