@@ -8,6 +8,7 @@ train/test split comes from its own hash: it stays put when other items come and
 from __future__ import annotations
 
 import re
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
@@ -28,6 +29,7 @@ from flywheel.tracing.content import answer_text, chat_messages
 
 NAME_PATTERN = re.compile(RESOURCE_NAME_PATTERN)
 MAX_PAGE = 1000
+PROFILE_CACHE_SIZE = 32
 SPLITS = ("train", "test")
 
 
@@ -96,6 +98,8 @@ class DatasetStore:
     def __init__(self, db: Database, audit: AuditLog) -> None:
         self.db = db
         self.audit = audit
+        self._profiles: dict[tuple[Any, ...], dict[str, Any]] = {}
+        self._profiles_lock = threading.Lock()
 
     # -- reading --------------------------------------------------------------------------
 
@@ -424,9 +428,19 @@ class DatasetStore:
         version: int | None = None,
         count_tokens: Callable[[str], int] | None = None,
     ) -> dict[str, Any]:
-        """The data-quality report of a version (duplicates, lengths, PII…)."""
-        described, items = self.items(project_id, name, version)
-        return {"version": described, **profile(items, count_tokens)}
+        """The data-quality report of a version (duplicates, lengths, PII…). Versions are
+        immutable, so reports are kept per content hash (the newest few)."""
+        described = self.version(project_id, name, version)
+        key = (described["content_hash"], described["test_fraction"], count_tokens)
+        report = self._profiles.get(key)
+        if report is None:
+            _, items = self.items(project_id, name, described["version"])
+            report = profile(items, count_tokens)
+            with self._profiles_lock:
+                while len(self._profiles) >= PROFILE_CACHE_SIZE:
+                    self._profiles.pop(next(iter(self._profiles)))
+                self._profiles[key] = report
+        return {"version": described, **report}
 
 
 def _rating_matches(ratings: list[float], selection: TraceSelection) -> bool:

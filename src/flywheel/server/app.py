@@ -21,6 +21,8 @@ from flywheel.server.headers import SecurityHeaders
 from flywheel.server.http import validation_error
 from flywheel.server.routers import access, api, config, datasets, evals, openai, prompts
 from flywheel.server.services import Services
+from flywheel.ui import datasets as ui_datasets
+from flywheel.ui import evals as ui_evals
 from flywheel.ui import govern
 from flywheel.ui import prompts as ui_prompts
 from flywheel.ui import routes as ui
@@ -80,6 +82,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     ui.install(app)
     app.include_router(govern.router)
     app.include_router(ui_prompts.router)
+    app.include_router(ui_datasets.router)
+    app.include_router(ui_evals.router)
 
     @app.get("/healthz", tags=["ops"])
     def healthz() -> dict[str, str]:

@@ -133,6 +133,25 @@ POLICY: dict[tuple[str, str], Permission] = {
     ("GET", "/approvals"): P.APPROVALS_READ,
     ("POST", "/approvals/{approval_id}/approve"): P.APPROVALS_DECIDE,
     ("POST", "/approvals/{approval_id}/reject"): P.APPROVALS_DECIDE,
+    # Web UI: datasets, evals and annotation.
+    ("GET", "/datasets"): P.DATASETS_READ,
+    ("POST", "/datasets/import"): P.DATASETS_WRITE,
+    ("POST", "/datasets/from-traces"): P.DATASETS_WRITE,
+    ("GET", "/datasets/{name}"): P.DATASETS_READ,
+    ("GET", "/datasets/{name}/export"): P.DATASETS_READ,
+    ("GET", "/evals"): P.EVALS_READ,
+    ("POST", "/evals/suites"): P.EVALS_WRITE,
+    ("POST", "/evals/suites/{name}/delete"): P.EVALS_WRITE,
+    ("POST", "/evals/runs"): P.EVALS_WRITE,
+    ("GET", "/evals/runs/{run_id}"): P.EVALS_READ,
+    ("POST", "/evals/runs/{run_id}/cancel"): P.EVALS_WRITE,
+    ("GET", "/evals/compare"): P.EVALS_READ,
+    ("GET", "/annotate"): P.TRACES_READ,
+    ("POST", "/annotate/enqueue"): P.FEEDBACK_WRITE,
+    ("GET", "/annotate/export"): P.TRACES_READ,
+    ("GET", "/annotate/{queue}"): P.FEEDBACK_WRITE,
+    ("POST", "/annotate/{queue}/tasks/{task_id}/complete"): P.FEEDBACK_WRITE,
+    ("POST", "/annotate/{queue}/tasks/{task_id}/skip"): P.FEEDBACK_WRITE,
 }
 
 

@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session
 
 from flywheel.errors import ServiceError
 from flywheel.store import AnnotationTask, Database, Feedback, SpanRecord
+from flywheel.tracing.content import answer_text, chat_messages, chat_span
 from flywheel.tracing.queries import TraceFilter
 
 MAX_COMMENT_CHARS = 10_000
@@ -73,6 +74,22 @@ def feedback_to_dict(row: Feedback) -> dict[str, Any]:
         "source": row.source,
         "author": row.author,
         "created_at": row.created_at,
+    }
+
+
+def task_view(task: AnnotationTask, spans: list[SpanRecord]) -> dict[str, Any]:
+    """A claimed task with the conversation to review (``spans``: its trace's)."""
+    span = chat_span(spans)
+    return {
+        "id": task.id,
+        "queue": task.queue,
+        "trace_id": task.trace_id,
+        "status": task.status,
+        "assignee": task.assignee,
+        "messages": chat_messages(span) if span else None,
+        "answer": answer_text(span) if span else None,
+        "route": span.route if span else None,
+        "model": span.model if span else None,
     }
 
 
@@ -300,12 +317,21 @@ class FeedbackStore:
                     return candidate
         return None
 
-    def _open_task(self, session: Session, project_id: str, task_id: int) -> AnnotationTask:
+    def _open_task(
+        self, session: Session, project_id: str, task_id: int, reviewer: str
+    ) -> AnnotationTask:
         task = session.get(AnnotationTask, task_id)
         if task is None or task.project_id != project_id:
             raise FeedbackError(404, f"No annotation task {task_id}.", "not_found", "task_id")
-        if task.status == "done":
-            raise FeedbackError(409, f"Task {task_id} is already done.", "conflict", "task_id")
+        if task.status in ("done", "skipped"):
+            raise FeedbackError(
+                409, f"Task {task_id} is already {task.status}.", "conflict", "task_id"
+            )
+        claim_alive = task.claimed_at is not None and task.claimed_at >= time.time() - CLAIM_SECONDS
+        if task.status == "claimed" and task.assignee != reviewer and claim_alive:
+            raise FeedbackError(
+                409, f"Task {task_id} is being reviewed by {task.assignee}.", "conflict", "task_id"
+            )
         return task
 
     def complete(
@@ -320,7 +346,7 @@ class FeedbackStore:
     ) -> dict[str, Any]:
         """Record the reviewer's feedback on the task's trace and close the task."""
         with self.db.session() as session:
-            task = self._open_task(session, project_id, task_id)
+            task = self._open_task(session, project_id, task_id, reviewer)
             feedback = self.record(
                 project_id,
                 task.trace_id,
@@ -337,7 +363,7 @@ class FeedbackStore:
     def skip(self, project_id: str, task_id: int, reviewer: str) -> None:
         """Put a task aside: it leaves the queue without feedback."""
         with self.db.session() as session:
-            task = self._open_task(session, project_id, task_id)
+            task = self._open_task(session, project_id, task_id, reviewer)
             task.status, task.assignee, task.done_at = "skipped", reviewer, time.time()
 
     def queue_stats(self, project_id: str, queue: str) -> dict[str, int]:

@@ -23,8 +23,7 @@ from flywheel.server.http import (
     read_json,
     services,
 )
-from flywheel.tracing.content import answer_text, chat_messages, chat_span
-from flywheel.tracing.feedback import DEFAULT_QUEUE
+from flywheel.tracing.feedback import DEFAULT_QUEUE, task_view
 from flywheel.tracing.queries import TraceFilter
 
 router = APIRouter(prefix="/api", tags=["datasets"], dependencies=[Depends(authorize)])
@@ -321,21 +320,9 @@ async def enqueue_traces(request: Request, queue: str) -> Any:
     return {"added": added}
 
 
-def task_view(svc: Any, project_id: str, task: Any) -> dict[str, Any]:
-    """A claimed task with the conversation to review."""
-    spans = svc.traces.get_trace(project_id, task.trace_id)
-    span = chat_span(spans)
-    return {
-        "id": task.id,
-        "queue": task.queue,
-        "trace_id": task.trace_id,
-        "status": task.status,
-        "assignee": task.assignee,
-        "messages": chat_messages(span) if span else None,
-        "answer": answer_text(span) if span else None,
-        "route": span.route if span else None,
-        "model": span.model if span else None,
-    }
+def claimed_task(svc: Any, project_id: str, task: Any) -> dict[str, Any]:
+    """A claimed task with its trace's conversation (for the API and the UI)."""
+    return task_view(task, svc.traces.get_trace(project_id, task.trace_id))
 
 
 @router.post("/annotation/queues/{queue}/next")
@@ -349,7 +336,7 @@ async def next_annotation(request: Request, queue: str) -> Any:
             "task": None,
             "stats": await call_service(svc.feedback.queue_stats, caller.project_id, queue),
         }
-    return {"task": await call_service(task_view, svc, caller.project_id, task)}
+    return {"task": await call_service(claimed_task, svc, caller.project_id, task)}
 
 
 @router.post("/annotation/tasks/{task_id}/complete")

@@ -259,6 +259,7 @@
   function enhance(root) {
     localTimes(root);
     initCharts(root);
+    initPlots(root);
     templateKinds(root);
     labelForms(root);
   }
@@ -459,6 +460,134 @@
     document.querySelectorAll("[data-run-column]").forEach(function (column) {
       runColumn(form, column);
     });
+  });
+
+  // -- datasets and evals: bar charts from data-plot, error bars, refusals in partials -------
+
+  // A colour name in a plot's JSON ("1", "ok", "muted"…) as a CSS colour.
+  function plotColor(name) {
+    var names = {
+      "1": ["--chart-1", "#4f46e5"],
+      "2": ["--chart-2", "#0ea5e9"],
+      "3": ["--chart-3", "#f59e0b"],
+      ok: ["--ok", "#059669"],
+      err: ["--chart-err", "#ef4444"],
+      muted: ["--border-strong", "#cfd4dc"],
+    };
+    var found = names[name] || names["1"];
+    return cssVar(found[0], found[1]);
+  }
+
+  function formatPlotValue(value) {
+    if (value === null || value === undefined) return "—";
+    if (Number.isInteger(value)) return value.toLocaleString();
+    return Number(value.toPrecision(3)).toString();
+  }
+
+  // Whiskers for datasets that carry "low" and "high" arrays (confidence intervals).
+  var errorBars = {
+    id: "flywheelErrorBars",
+    afterDatasetsDraw: function (chart) {
+      var ctx = chart.ctx;
+      chart.data.datasets.forEach(function (dataset, index) {
+        if (!dataset.low || !dataset.high) return;
+        var meta = chart.getDatasetMeta(index);
+        if (meta.hidden) return;
+        var scale = chart.scales[meta.yAxisID];
+        ctx.save();
+        ctx.strokeStyle = cssVar("--text", "#111827");
+        ctx.lineWidth = 1.5;
+        meta.data.forEach(function (bar, i) {
+          var low = dataset.low[i];
+          var high = dataset.high[i];
+          if (low === null || low === undefined || high === null || high === undefined) return;
+          var top = scale.getPixelForValue(high);
+          var bottom = scale.getPixelForValue(low);
+          var half = Math.min(8, (bar.width || 16) / 4);
+          ctx.beginPath();
+          ctx.moveTo(bar.x, top);
+          ctx.lineTo(bar.x, bottom);
+          ctx.moveTo(bar.x - half, top);
+          ctx.lineTo(bar.x + half, top);
+          ctx.moveTo(bar.x - half, bottom);
+          ctx.lineTo(bar.x + half, bottom);
+          ctx.stroke();
+        });
+        ctx.restore();
+      });
+    },
+  };
+
+  function plotConfig(spec) {
+    var options = baseOptions(formatPlotValue, 12);
+    options.interaction = { mode: "nearest", intersect: true };
+    options.plugins.legend.display = !!spec.legend;
+    options.scales.x.ticks.maxTicksLimit = undefined;
+    options.scales.x.ticks.autoSkip = true;
+    if (spec.integer) options.scales.y.ticks.precision = 0;
+    if (spec.x_title) options.scales.x.title = { display: true, text: spec.x_title };
+    if (spec.y_title) options.scales.y.title = { display: true, text: spec.y_title };
+    var values = [];
+    var datasets = spec.datasets.map(function (d) {
+      values = values.concat(d.data, d.low || [], d.high || []);
+      var color = Array.isArray(d.color) ? d.color.map(plotColor) : plotColor(d.color);
+      return {
+        label: d.label,
+        data: d.data,
+        low: d.low,
+        high: d.high,
+        backgroundColor: color,
+        borderRadius: 2,
+        maxBarThickness: 56,
+      };
+    });
+    values = values.filter(function (v) { return v !== null && v !== undefined; });
+    if (values.length) {
+      // Whiskers may reach past the bars; keep them (and negative deltas) in view.
+      options.scales.y.suggestedMin = Math.min(0, Math.min.apply(null, values));
+      options.scales.y.suggestedMax = Math.max(0, Math.max.apply(null, values));
+    }
+    options.plugins.tooltip.callbacks.label = function (item) {
+      var dataset = item.dataset;
+      var text = " " + dataset.label + ": " + formatPlotValue(item.parsed.y);
+      if (dataset.low && dataset.high && dataset.low[item.dataIndex] !== null) {
+        text += " [" + formatPlotValue(dataset.low[item.dataIndex]) + ", " +
+          formatPlotValue(dataset.high[item.dataIndex]) + "]";
+      }
+      return text;
+    };
+    return {
+      type: spec.type || "bar",
+      data: { labels: spec.labels, datasets: datasets },
+      options: options,
+      plugins: [errorBars],
+    };
+  }
+
+  function initPlots(root) {
+    if (!window.Chart || !root.querySelectorAll) return;
+    var canvases = root.querySelectorAll("canvas[data-plot]");
+    Array.prototype.forEach.call(canvases, function (canvas) {
+      if (window.Chart.getChart(canvas)) return;
+      var spec;
+      try {
+        spec = JSON.parse(canvas.getAttribute("data-plot"));
+      } catch (e) {
+        return;
+      }
+      if (spec && spec.datasets) charts.push(new window.Chart(canvas, plotConfig(spec)));
+    });
+  }
+
+  // Forms marked data-swap-errors show a refusal (4xx) in place: htmx leaves those out by default.
+  document.addEventListener("htmx:beforeSwap", function (event) {
+    var detail = event.detail;
+    var source = detail.requestConfig && detail.requestConfig.elt;
+    var status = detail.xhr ? detail.xhr.status : 0;
+    if (source && source.closest && source.closest("[data-swap-errors]") && status >= 400 && status < 500) {
+      detail.shouldSwap = true;
+      detail.isError = false;
+    }
   });
 
   if (window.htmx) {
