@@ -450,3 +450,30 @@ def test_a_run_whose_server_stopped_is_marked_failed(
             break
         time.sleep(0.5)
     assert orphan["status"] == "failed" and orphan["error"].startswith("interrupted")
+
+
+def test_a_judge_scores_a_run_with_the_local_model(project: httpx.Client) -> None:
+    """Answers from the echo route, judged by the real local model through the gateway."""
+    items = [
+        {
+            "input": "What is the capital of France?",
+            "expected": "echo: What is the capital of France?",
+        },
+        {"input": "Name a colour.", "expected": "Blue."},
+    ]
+    project.post("/api/datasets", json={"name": "judged", "items": items})
+    spec = {
+        "name": "judged",
+        "dataset": "judged",
+        "target": "echo",
+        "scorers": [{"type": "judge.correctness", "model": "default", "max_tokens": 4}],
+    }
+    run = wait_run(project, project.post("/api/evals/runs", json={"spec": spec}).json()["id"], 300)
+    assert run["status"] == "completed", run
+    results = project.get(f"/api/evals/runs/{run['id']}/results").json()["data"]
+    for result in results:
+        detail = result["details"]["judge.correctness"]
+        assert detail["raw"] and all(isinstance(text, str) for text in detail["raw"])
+        value = result["scores"]["judge.correctness"]
+        assert value is None or 0.0 <= value <= 1.0
+    assert run["summary"]["scorers"]["judge.correctness"]["n"] >= 1
