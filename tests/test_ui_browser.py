@@ -227,7 +227,10 @@ def test_dashboard_charts_and_window_switch(
             "Annotate",
             "Approvals",
             "Access",
+            "Secrets",
             "Audit log",
+            "Projects",
+            "Users",
         ]
     )
 

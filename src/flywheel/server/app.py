@@ -21,6 +21,7 @@ from flywheel.server.headers import SecurityHeaders
 from flywheel.server.http import validation_error
 from flywheel.server.routers import access, api, config, datasets, evals, openai, prompts
 from flywheel.server.services import Services
+from flywheel.ui import admin as ui_admin
 from flywheel.ui import datasets as ui_datasets
 from flywheel.ui import evals as ui_evals
 from flywheel.ui import govern
@@ -84,6 +85,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(ui_prompts.router)
     app.include_router(ui_datasets.router)
     app.include_router(ui_evals.router)
+    app.include_router(ui_admin.router)
 
     @app.get("/healthz", tags=["ops"])
     def healthz() -> dict[str, str]:

@@ -152,6 +152,19 @@ POLICY: dict[tuple[str, str], Permission] = {
     ("GET", "/annotate/{queue}"): P.FEEDBACK_WRITE,
     ("POST", "/annotate/{queue}/tasks/{task_id}/complete"): P.FEEDBACK_WRITE,
     ("POST", "/annotate/{queue}/tasks/{task_id}/skip"): P.FEEDBACK_WRITE,
+    # Web UI: administration.
+    ("GET", "/admin/projects"): P.PROJECTS_MANAGE,
+    ("POST", "/admin/projects"): P.PROJECTS_MANAGE,
+    ("POST", "/admin/projects/{project_id}"): P.PROJECTS_MANAGE,
+    ("GET", "/admin/users"): P.USERS_MANAGE,
+    ("POST", "/admin/users"): P.USERS_MANAGE,
+    ("POST", "/admin/users/{user_id}/password"): P.USERS_MANAGE,
+    ("POST", "/admin/users/{user_id}/disabled"): P.USERS_MANAGE,
+    ("GET", "/secrets"): P.SECRETS_MANAGE,
+    ("POST", "/secrets"): P.SECRETS_MANAGE,
+    ("POST", "/secrets/delete"): P.SECRETS_MANAGE,
+    ("GET", "/account"): P.AUTHENTICATED,
+    ("POST", "/account/password"): P.AUTHENTICATED,
 }
 
 
