@@ -259,9 +259,16 @@ def test_user_changes_own_password(server: RunningServer, admin_api: httpx.Clien
         assert short.status_code == 400 and "at least 10 characters" in short.text
         assert _login(server, username=username, password=old).status_code == 303
 
-        done = change(old, new, new)
-        assert done.status_code == 200 and "Your password was changed" in done.text
-        assert old not in done.text and new not in done.text
+        with ui_session(server, username=username, password=old) as (elsewhere, _):
+            assert elsewhere.get("/account").status_code == 200
+            done = change(old, new, new)
+            assert done.status_code == 200 and "Your password was changed" in done.text
+            assert old not in done.text and new not in done.text
+            # The session begun with the old password elsewhere has ended; this one goes on.
+            ended = elsewhere.get("/account")
+            assert ended.status_code in (302, 303) and "/login" in ended.headers["location"]
+        client.cookies.set("flywheel_session", done.cookies["flywheel_session"])
+        assert client.get("/account").status_code == 200
 
     assert _login(server, username=username, password=old).status_code == 401
     assert _login(server, username=username, password=new).status_code == 303

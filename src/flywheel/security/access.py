@@ -6,6 +6,7 @@ misses a change that happened and never records one that did not.
 
 from __future__ import annotations
 
+import hashlib
 import re
 import threading
 import time
@@ -64,6 +65,12 @@ def user_to_dict(user: User) -> dict[str, Any]:
 class Membership:
     project: Project
     role: str
+
+
+def session_tag(user: User) -> str:
+    """A short digest of the user's password hash, kept in UI session cookies: a new
+    password changes it, which ends the sessions begun before."""
+    return hashlib.sha256(user.password_hash.encode()).hexdigest()[:16]
 
 
 class AccessService:
@@ -146,12 +153,17 @@ class AccessService:
             limits=key.limits,
         )
 
-    def principal_for_user(self, user_id: str, project_id: str | None) -> Principal | None:
+    def principal_for_user(
+        self, user_id: str, project_id: str | None, password_tag: str | None = None
+    ) -> Principal | None:
         """A logged-in user acting in ``project_id`` (default: their first project); None if
-        the user is gone or disabled, or has no access to that project."""
+        the user is gone or disabled, has no access to that project, or (with
+        ``password_tag``) has changed password since the session began."""
         with self.db.session() as session:
             user = session.get(User, user_id)
             if user is None or user.disabled_at is not None:
+                return None
+            if password_tag is not None and password_tag != session_tag(user):
                 return None
             memberships = self._memberships(session, user)
         if not memberships:
@@ -359,7 +371,14 @@ class AccessService:
                     stored.password_hash = self._hasher.hash(password)
         return user
 
+    def password_tag(self, user_id: str) -> str | None:
+        """What a UI session keeps of the user's password hash (see :func:`session_tag`)."""
+        with self.db.session() as session:
+            user = session.get(User, user_id)
+            return session_tag(user) if user is not None else None
+
     def set_password(self, user_id: str, password: str, actor: str) -> None:
+        """A new password: every UI session begun with the old one ends."""
         self._check_password(password)
         with self.db.session() as session:
             user = session.get(User, user_id)

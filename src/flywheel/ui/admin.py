@@ -22,7 +22,7 @@ from flywheel.security import AccessError, Principal
 from flywheel.security.access import project_to_dict, user_to_dict
 from flywheel.server.http import services
 from flywheel.ui.routes import render
-from flywheel.ui.session import ui_authorize
+from flywheel.ui.session import keep_session, ui_authorize
 
 router = APIRouter(include_in_schema=False)
 
@@ -354,5 +354,9 @@ async def change_own_password(
         await _call(svc.access.set_password, user.user_id, new, user.actor)
     except ServiceError as exc:
         return _account_error(request, exc)
-    message = "Your password was changed. Use the new one the next time you log in."
-    return render(request, "account.html", _account_context(message=message))
+    message = "Your password was changed. Your other sessions have ended."
+    response = render(request, "account.html", _account_context(message=message))
+    tag = await _call(svc.access.password_tag, user.user_id)
+    if tag is not None:
+        keep_session(request, response, tag)
+    return response

@@ -22,6 +22,7 @@ from fastapi.templating import Jinja2Templates
 
 from flywheel import __version__
 from flywheel.security import Principal
+from flywheel.security.access import session_tag
 from flywheel.server.http import services
 from flywheel.server.services import Services
 from flywheel.tracing import TraceFilter
@@ -240,7 +241,7 @@ async def login(request: Request) -> Response:
         user = await run_in_threadpool(svc.access.authenticate, username, password)
         if user is not None:
             await run_in_threadpool(_audit_login, svc, f"user:{user.username}", "user", user.id)
-            start_session(request, response, user_id=user.id)
+            start_session(request, response, user_id=user.id, password_tag=session_tag(user))
             return response
         error = "That username and password do not match an active user."
     elif raw_key and len(raw_key) <= MAX_KEY_LENGTH:

@@ -96,7 +96,8 @@ def session_principal(request: Request) -> Principal | None:
     svc = services(request)
     project = data.get("pid") if isinstance(data.get("pid"), str) else None
     if isinstance(data.get("uid"), str):
-        return svc.access.principal_for_user(data["uid"], project)
+        tag = data.get("pwt") if isinstance(data.get("pwt"), str) else ""
+        return svc.access.principal_for_user(data["uid"], project, tag)
     if isinstance(data.get("kid"), str):
         key = svc.keys.get_active(data["kid"])
         if key is None:
@@ -152,11 +153,14 @@ def start_session(
     user_id: str | None = None,
     key_id: str | None = None,
     project_id: str | None = None,
+    password_tag: str | None = None,
 ) -> None:
-    """Set a new session cookie (a fresh nonce, so a new CSRF token) on ``response``."""
+    """Set a new session cookie (a fresh nonce, so a new CSRF token) on ``response``; a
+    user's session carries ``password_tag`` and ends when the password changes."""
     data: dict[str, Any] = {"sid": secrets.token_urlsafe(16)}
     if user_id:
         data["uid"] = user_id
+        data["pwt"] = password_tag or ""
     if key_id:
         data["kid"] = key_id
     if project_id:
@@ -168,6 +172,13 @@ def switch_project(request: Request, response: Response, project_id: str) -> Non
     """Keep the session, acting in ``project_id`` from now on."""
     data = dict(session_data(request) or {})
     data["pid"] = project_id
+    _set_cookie(request, response, data)
+
+
+def keep_session(request: Request, response: Response, password_tag: str) -> None:
+    """Keep the session going after its user changed their own password."""
+    data = dict(session_data(request) or {})
+    data["pwt"] = password_tag
     _set_cookie(request, response, data)
 
 
