@@ -84,11 +84,14 @@ async def delete_suite(request: Request, name: str) -> None:
     await call_service(services(request).suites.delete, caller.project_id, name, caller.actor)
 
 
-async def _json_object(request: Request) -> dict[str, Any]:
-    class _Any(BaseModel):
-        model_config = ConfigDict(extra="allow")
+class _AnyObject(BaseModel):
+    """Any JSON object: the suite's own model checks it, naming the field at fault."""
 
-    body = await read_json(request, _Any)
+    model_config = ConfigDict(extra="allow")
+
+
+async def _json_object(request: Request) -> dict[str, Any]:
+    body = await read_json(request, _AnyObject)
     return dict(body.model_extra or {})
 
 
