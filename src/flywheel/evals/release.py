@@ -42,9 +42,9 @@ class ReleaseGate:
         if kind != "prompt":
             return {"status": "not_configured", "detail": f"no eval gate for {kind}s"}
         own = [
-            suite["name"]
-            for suite in self.suites.list(project_id)
-            if suite["target"].partition("@")[0] == f"{PROMPT_PREFIX}{name}"
+            suite.name
+            for suite in self.suites.specs(project_id)
+            if suite.target.partition("@")[0] == f"{PROMPT_PREFIX}{name}"
         ]
         if not own:
             return {"status": "not_configured", "detail": f"no eval suite targets prompt '{name}'"}

@@ -74,6 +74,8 @@ class _Job:
     spec: SuiteSpec
     target: str
     items: list[dict[str, Any]]
+    # The chat request of each item, built (and so checked) when the run starts.
+    bodies: list[dict[str, Any]]
     scorers: list[AnyScorer]
     progress: _Progress = field(default_factory=_Progress)
 
@@ -238,9 +240,10 @@ class EvalRunner:
         if not items:
             raise EvalError(400, f"The {spec.split} split of that dataset is empty.", "empty")
         prompt_target = self.is_prompt_target(resolved)
+        bodies = []
         for item in items:
             try:
-                request_body(resolved, item, spec.params, prompt_target)
+                bodies.append(request_body(resolved, item, spec.params, prompt_target))
             except EvalError as exc:
                 raise EvalError(
                     400,
@@ -268,7 +271,7 @@ class EvalRunner:
             heartbeat_at=now,
         )
         await asyncio.to_thread(self._insert, row)
-        job = _Job(row.id, project_id, spec, resolved, items, scorers)
+        job = _Job(row.id, project_id, spec, resolved, items, bodies, scorers)
         self._jobs[row.id] = job
         task = asyncio.create_task(self._execute(job), name=f"eval-run-{row.id}")
         self._tasks[row.id] = task
@@ -337,10 +340,7 @@ class EvalRunner:
             self._jobs.pop(job.run_id, None)
 
     async def _answer_all(self, job: _Job) -> list[Answer]:
-        prompt_target = self.is_prompt_target(job.target)
-        bodies = [
-            request_body(job.target, item, job.spec.params, prompt_target) for item in job.items
-        ]
+        bodies = job.bodies
         keys = [cache_key(job.target, body) for body in bodies]
         cached = await asyncio.to_thread(self._cached, keys) if job.spec.cache else {}
         answers: list[Answer] = [Answer() for _ in job.items]

@@ -118,10 +118,17 @@ class EvalSuites:
         self.db = db
         self.audit = audit
 
-    def list(self, project_id: str) -> list[dict[str, Any]]:
+    def overview(self, project_id: str) -> list[dict[str, Any]]:
+        """Every suite of the project, with who changed it last and when."""
         query = select(EvalSuite).where(EvalSuite.project_id == project_id).order_by(EvalSuite.name)
         with self.db.session() as session:
             return [_suite_to_dict(row) for row in session.scalars(query)]
+
+    def specs(self, project_id: str) -> list[SuiteSpec]:
+        """Every suite of the project, by name, as declared."""
+        query = select(EvalSuite).where(EvalSuite.project_id == project_id).order_by(EvalSuite.name)
+        with self.db.session() as session:
+            return [SuiteSpec.model_validate(row.definition) for row in session.scalars(query)]
 
     def get(self, project_id: str, name: str) -> SuiteSpec:
         with self.db.session() as session:

@@ -185,14 +185,13 @@ class ConfigService:
                 )
         if problems:
             raise ConfigFileError(problems)
-        stored = {s["name"]: s for s in self.suites.list(project_id)}
+        stored = {s.name: s for s in self.suites.specs(project_id)}
         writes, changes = [], []
         for spec in specs:
-            definition = spec.model_dump(mode="json")
             before = stored.get(spec.name)
             if before is None:
                 changes.append(Change("suite", spec.name, "create"))
-            elif {k: before.get(k) for k in definition} != definition:
+            elif before != spec:
                 changes.append(Change("suite", spec.name, "update"))
             else:
                 changes.append(Change("suite", spec.name, "unchanged"))
@@ -263,10 +262,8 @@ class ConfigService:
         if prompts:
             document["prompts"] = prompts
         suites = [
-            SuiteSpec.model_validate(
-                {k: v for k, v in suite.items() if k not in ("updated_at", "updated_by")}
-            ).model_dump(mode="json", exclude_defaults=True)
-            for suite in self.suites.list(project_id)
+            spec.model_dump(mode="json", exclude_defaults=True)
+            for spec in self.suites.specs(project_id)
         ]
         if suites:
             document["suites"] = suites

@@ -171,15 +171,12 @@ async def authorize(request: Request) -> Principal:
 
 async def limit_subjects(svc: Services, caller: Principal) -> tuple[Subject, ...]:
     """The limits a gateway call must fit: the key's own, then its project's."""
-    subjects: list[Subject] = []
-    if caller.limits and caller.key_id:
-        subjects.append(Subject("key", caller.key_id, Limits(**caller.limits)))
-    cached, project_limits = svc.access.cached_project_limits(caller.project_id)
-    if not cached:
-        project_limits = await asyncio.to_thread(svc.access.project_limits, caller.project_id)
-    if project_limits:
-        subjects.append(Subject("project", caller.project_id, Limits(**project_limits)))
-    return tuple(subjects)
+    own = (
+        (Subject("key", caller.key_id, Limits(**caller.limits)),)
+        if caller.limits and caller.key_id
+        else ()
+    )
+    return own + await svc.project_limit_subjects(caller.project_id)
 
 
 def principal(request: Request) -> Principal:

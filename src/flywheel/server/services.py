@@ -169,12 +169,9 @@ class Services:
             request = ChatCompletionRequest.model_validate(body)
         except ValidationError as exc:
             raise EvalError(400, f"invalid eval request: {exc.errors()[0]['msg']}") from None
-        cached, limits = self.access.cached_project_limits(project_id)
-        if not cached:
-            limits = await asyncio.to_thread(self.access.project_limits, project_id)
         ctx = CallContext(
             project_id=project_id,
-            limit_subjects=(Subject("project", project_id, Limits(**limits)),) if limits else (),
+            limit_subjects=await self.project_limit_subjects(project_id),
             attributes={"flywheel.eval": True},
         )
         try:
@@ -182,6 +179,14 @@ class Services:
         except GatewayError as exc:
             raise ServiceError(exc.status_code, exc.message, exc.code, exc.param) from None
         return response, ctx.outcome or {}
+
+    async def project_limit_subjects(self, project_id: str) -> tuple[Subject, ...]:
+        """The project's own limits as a gateway subject (none when it has none)."""
+        cached, limits = self.access.cached_project_limits(project_id)
+        if not cached:
+            # A miss reads the database; keep that off the event loop.
+            limits = await asyncio.to_thread(self.access.project_limits, project_id)
+        return (Subject("project", project_id, Limits(**limits)),) if limits else ()
 
     def resolve_eval_target(self, project_id: str, target: str) -> str:
         """A run's target pinned: a prompt label resolved to its version now, so that the
@@ -279,7 +284,7 @@ class Services:
             secret=session_secret(home),
             new_admin_key=new_admin_key,
             datasets=DatasetStore(db, audit),
-            feedback=FeedbackStore(db),
+            feedback=FeedbackStore(db, traces),
             suites=EvalSuites(db, audit),
         )
 

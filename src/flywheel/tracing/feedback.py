@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session
 from flywheel.errors import ServiceError
 from flywheel.store import AnnotationTask, Database, Feedback, SpanRecord
 from flywheel.tracing.content import answer_text, chat_messages, chat_span
-from flywheel.tracing.queries import TraceFilter
+from flywheel.tracing.queries import TraceFilter, TraceQueries
 
 MAX_COMMENT_CHARS = 10_000
 MAX_CORRECTION_CHARS = 100_000
@@ -108,8 +108,9 @@ def _text(value: Any, field: str, limit: int) -> str | None:
 class FeedbackStore:
     """Feedback rows and annotation tasks of every project."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, traces: TraceQueries) -> None:
         self.db = db
+        self.traces = traces
 
     # -- feedback -------------------------------------------------------------------------
 
@@ -359,6 +360,10 @@ class FeedbackStore:
             )
             task.status, task.assignee, task.done_at = "done", reviewer, time.time()
             return feedback
+
+    def describe(self, project_id: str, task: AnnotationTask) -> dict[str, Any]:
+        """A task with its trace's conversation, for the reviewer."""
+        return task_view(task, self.traces.get_trace(project_id, task.trace_id))
 
     def skip(self, project_id: str, task_id: int, reviewer: str) -> None:
         """Put a task aside: it leaves the queue without feedback."""

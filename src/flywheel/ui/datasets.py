@@ -26,7 +26,6 @@ from flywheel.datasets.store import SPLITS, TraceSelection, plain_item
 from flywheel.errors import ServiceError
 from flywheel.security import Principal
 from flywheel.server.http import services
-from flywheel.server.routers.datasets import claimed_task
 from flywheel.tracing.feedback import DEFAULT_QUEUE, QUEUE_PATTERN
 from flywheel.tracing.queries import TraceFilter
 from flywheel.ui.present import message_text
@@ -578,7 +577,7 @@ def _task_context(request: Request, user: Principal, queue: str, **extra: Any) -
     svc = services(request)
     project = user.project_id
     task = svc.feedback.next_task(project, queue, user.actor)
-    view = claimed_task(svc, project, task) if task is not None else None
+    view = svc.feedback.describe(project, task) if task is not None else None
     if view is not None:
         view["messages"] = [
             {"role": str(m.get("role", "")), "text": message_text(m.get("content"))}

@@ -118,7 +118,7 @@ def _evals_context(request: Request, user: Principal, **extra: Any) -> dict[str,
     runs = [run_row(run) for run in svc.evals.recent(project, limit=RECENT_RUNS)]
     return {
         "nav": "evals",
-        "suites": [_suite_row(s) for s in svc.suites.list(project)],
+        "suites": [_suite_row(s) for s in svc.suites.overview(project)],
         "runs": runs,
         "completed": [r for r in runs if r["status"] == "completed"],
         "datasets": [d["name"] for d in svc.datasets.overview(project)],

@@ -23,7 +23,7 @@ from flywheel.server.http import (
     read_json,
     services,
 )
-from flywheel.tracing.feedback import DEFAULT_QUEUE, task_view
+from flywheel.tracing.feedback import DEFAULT_QUEUE
 from flywheel.tracing.queries import TraceFilter
 
 router = APIRouter(prefix="/api", tags=["datasets"], dependencies=[Depends(authorize)])
@@ -320,11 +320,6 @@ async def enqueue_traces(request: Request, queue: str) -> Any:
     return {"added": added}
 
 
-def claimed_task(svc: Any, project_id: str, task: Any) -> dict[str, Any]:
-    """A claimed task with its trace's conversation (for the API and the UI)."""
-    return task_view(task, svc.traces.get_trace(project_id, task.trace_id))
-
-
 @router.post("/annotation/queues/{queue}/next")
 async def next_annotation(request: Request, queue: str) -> Any:
     """The caller's open task, or the next free one, claimed for them (``task`` is null
@@ -336,7 +331,7 @@ async def next_annotation(request: Request, queue: str) -> Any:
             "task": None,
             "stats": await call_service(svc.feedback.queue_stats, caller.project_id, queue),
         }
-    return {"task": await call_service(claimed_task, svc, caller.project_id, task)}
+    return {"task": await call_service(svc.feedback.describe, caller.project_id, task)}
 
 
 @router.post("/annotation/tasks/{task_id}/complete")

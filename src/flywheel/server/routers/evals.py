@@ -51,7 +51,7 @@ async def list_scorers(request: Request) -> Any:
 @router.get("/suites")
 async def list_suites(request: Request) -> Any:
     return {
-        "data": await call_service(services(request).suites.list, principal(request).project_id)
+        "data": await call_service(services(request).suites.overview, principal(request).project_id)
     }
 
 
