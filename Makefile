@@ -58,6 +58,8 @@ bench: install
 	$(BIN)/python bench/drift.py
 	$(BIN)/python bench/guards/pii.py
 	$(BIN)/python bench/guards/injection.py
+	$(BIN)/python bench/rag/vector_search.py --quick
+	$(BIN)/python bench/rag/retrieval_quality.py
 
 clean:
 	rm -rf $(VENV) node_modules src/flywheel/ui/static/vendor .cache test-artifacts

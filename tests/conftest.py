@@ -46,6 +46,7 @@ models:
   - {{name: up-garbage, provider: up, upstream_name: garbage}}
   - {{name: up-flaky, provider: up, upstream_name: flaky-2}}
   - {{name: up-embed, provider: up, kind: embedding, upstream_name: echo}}
+  - {{name: up-rerank, provider: up, upstream_name: rank-reverse}}
   - {{name: up-blocked, provider: up, upstream_name: echo, status: blocked}}
   - {{name: up-experimental, provider: up, upstream_name: echo, status: experimental}}
   - name: up-pricey
@@ -131,6 +132,18 @@ routes:
     online_eval:
       sample_rate: 1.0
       judges: [{{type: judge.relevance, model: smollm2-135m-instruct, logprobs: true}}]
+  - name: handbook-qa
+    targets: [{{model: up-echo}}]
+    rag: {{knowledge_base: handbook, top_k: 2}}
+  - name: handbook-prompted
+    targets: [{{model: up-echo}}]
+    rag: {{knowledge_base: handbook, top_k: 2, prompt: "rag-answer@staging"}}
+  - name: handbook-metadata
+    targets: [{{model: up-echo}}]
+    rag: {{knowledge_base: handbook, top_k: 2}}
+    capture: metadata
+  - name: support-pipeline
+    pipeline: support-answer
 """
 
 

@@ -85,6 +85,21 @@ def test_projects_isolate_every_resource(server: RunningServer, two_projects) ->
         assert audit_b and all(e["project_id"] == b for e in audit_b)
         assert [p["id"] for p in client_b.get("/api/projects").json()["data"]] == [b]
         assert client_b.get(f"/api/projects/{a}").status_code == 404
+        # Knowledge bases and pipelines, even under the same names.
+        kb = {"documents": [{"source": "a.txt", "text": "Only project A knows this."}]}
+        assert client_a.post("/api/kbs", json={"name": "shared-name"}).status_code == 201
+        assert client_a.post("/api/kbs/shared-name/documents", json=kb).is_success
+        assert client_b.get("/api/kbs").json()["data"] == []
+        assert client_b.post("/api/kbs/shared-name/search", json={"query": "A"}).status_code == 404
+        assert client_b.post("/api/kbs", json={"name": "shared-name"}).status_code == 201
+        assert (
+            client_b.post("/api/kbs/shared-name/search", json={"query": "A"}).json()["hits"] == []
+        )
+        pipeline = "name: p\nsteps:\n  - {id: n, type: tool, python: current_time}\n"
+        yaml_type = {"content-type": "application/yaml"}
+        assert client_a.put("/api/pipelines/p", content=pipeline, headers=yaml_type).is_success
+        assert client_b.get("/api/pipelines").json()["data"] == []
+        assert client_b.post("/api/pipelines/p/run").status_code == 404
         # A project key cannot step into another project.
         wrong = client_b.get("/api/traces", headers={"X-Flywheel-Project": a})
         assert wrong.status_code == 403

@@ -224,6 +224,8 @@ def test_dashboard_charts_and_window_switch(
             "Alerts",
             "Prompts",
             "Playground",
+            "Knowledge bases",
+            "Pipelines",
             "Datasets",
             "Evals",
             "Annotate",

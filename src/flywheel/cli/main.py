@@ -26,6 +26,7 @@ from flywheel.cli.common import (
 )
 from flywheel.cli.evals import datasets_app, eval_app, feedback_app
 from flywheel.cli.monitor import alerts_app, guards_app, monitor_app
+from flywheel.cli.rag import kb_app, pipelines_app
 
 app = typer.Typer(help="Flywheel: self-hosted LLMOps.", no_args_is_help=True, add_completion=False)
 keys_app = typer.Typer(help="API keys (works on the local database directly).")
@@ -46,6 +47,8 @@ app.add_typer(eval_app, name="eval")
 app.add_typer(monitor_app, name="monitor")
 app.add_typer(guards_app, name="guards")
 app.add_typer(alerts_app, name="alerts")
+app.add_typer(kb_app, name="kb")
+app.add_typer(pipelines_app, name="pipelines")
 
 
 def _api(url: str, api_key: str | None, path: str, params: dict[str, Any] | None = None) -> Any:

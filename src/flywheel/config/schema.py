@@ -215,12 +215,26 @@ class DriftConfig(_Strict):
     )
 
 
+class RagRouteConfig(_Strict):
+    """Retrieval before the model: the route searches ``knowledge_base`` with the last user
+    message, puts the hits in front of the conversation (or renders ``prompt`` with the
+    variables ``question``, ``context`` and ``hits``) and answers with citations."""
+
+    knowledge_base: Annotated[str, Field(pattern=RESOURCE_NAME_PATTERN)]
+    top_k: int | None = Field(default=None, ge=1, le=100)
+    mode: Literal["dense", "bm25", "hybrid"] | None = None
+    filters: dict[str, Any] = Field(default_factory=dict)
+    prompt: PromptRef | None = None
+
+
 class RouteConfig(_Strict):
     """A named virtual model: weighted targets, ordered fallbacks, retries and timeouts."""
 
     name: Name
     description: str = ""
-    targets: list[RouteTarget] = Field(min_length=1)
+    targets: list[RouteTarget] = Field(
+        default_factory=list, description="At least one, unless the route runs a pipeline."
+    )
     fallbacks: list[Name] = Field(default_factory=list, description="Catalog models, in order.")
     fallback_on: list[FallbackTrigger] = Field(default_factory=lambda: list(FALLBACK_ON))
     retry: RetryPolicy = Field(default_factory=RetryPolicy)
@@ -236,10 +250,39 @@ class RouteConfig(_Strict):
     guards: GuardPolicyConfig | None = None
     online_eval: OnlineEvalConfig | None = None
     drift: DriftConfig | None = None
+    rag: RagRouteConfig | None = None
+    pipeline: (
+        Annotated[
+            str,
+            Field(
+                pattern=RESOURCE_NAME_PATTERN,
+                description="Run this pipeline of the caller's project for each call.",
+            ),
+        ]
+        | None
+    ) = None
 
     @property
     def prompt_targets(self) -> bool:
         return any(t.prompt is not None for t in self.targets)
+
+    @model_validator(mode="after")
+    def _targets_or_pipeline(self) -> RouteConfig:
+        if self.pipeline is not None:
+            if self.guards is not None or self.online_eval is not None:
+                raise ValueError(
+                    "a pipeline route takes no guards or online_eval: put them on the routes "
+                    "its steps call"
+                )
+            if self.targets or self.fallbacks or self.rag is not None:
+                raise ValueError(
+                    "a pipeline route has no targets, fallbacks or rag: its steps call models"
+                )
+        elif not self.targets:
+            raise ValueError("a route needs at least one target")
+        if self.rag is not None and self.rag.prompt is not None and self.prompt_targets:
+            raise ValueError("a rag route renders rag.prompt; its targets must be models")
+        return self
 
     @model_validator(mode="after")
     def _prompts_alone(self) -> RouteConfig:

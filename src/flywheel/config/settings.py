@@ -59,7 +59,13 @@ class Settings(BaseSettings):
         default=4 * 1024 * 1024, description="Largest accepted request body."
     )
     max_upload_bytes: int = Field(
-        default=64 * 1024 * 1024, description="Largest dataset file accepted by an import."
+        default=64 * 1024 * 1024,
+        description="Largest dataset file or knowledge-base upload accepted by an import.",
+    )
+    fetch_allow_hosts: list[str] = Field(
+        default_factory=list,
+        description="Hosts or networks (CIDR) that URL ingestion and pipeline HTTP tools may "
+        "reach although they are private or loopback (JSON list).",
     )
     request_deadline: float = Field(
         default=600.0,

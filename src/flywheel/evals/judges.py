@@ -359,6 +359,14 @@ _GROUNDEDNESS_EXAMPLES = (
     ("[1] The Nile is the longest river in Africa.", "The Nile is a river in Africa."),
     ("[1] The Nile is the longest river in Africa.", "The Nile is a river in Asia."),
 )
+_CONTEXT_RELEVANCE_PROMPT = (
+    "Question: {question}\nRetrieved passages:\n{context}\nDo the passages contain the "
+    "information needed to answer the question? Reply yes or no."
+)
+_CONTEXT_RELEVANCE_EXAMPLES = (
+    ("How tall is Mount Everest?", "[1] Mount Everest is 8,849 metres tall."),
+    ("How tall is Mount Everest?", "[1] The Nile is the longest river in Africa."),
+)
 _RELEVANCE_PROMPT = (
     "Question: {question}\nAnswer: {answer}\nDoes the answer address the question? Reply yes or no."
 )
@@ -499,9 +507,35 @@ class RelevanceJudge(ChoiceJudge):
         return _with_examples(_YES_NO_SYSTEM, examples, prompt)
 
 
+class ContextRelevanceJudge(ChoiceJudge):
+    """Do the retrieved passages (``sample.context``) hold what the question needs? 1 for
+    yes, 0 for no: a retrieval check that needs no relevance labels."""
+
+    def __init__(self, name: str = "judge.context_relevance", **options: Any) -> None:
+        super().__init__(name, _YES_NO, **options)
+
+    def messages(self, sample: Sample) -> list[Message]:
+        if not sample.question.strip():
+            raise MissingInput("the sample has no question (user message) to judge against")
+        passages = [p.strip() for p in sample.context if isinstance(p, str) and p.strip()]
+        if not passages:
+            raise MissingInput("the sample has no context passages to judge")
+        context = "\n".join(f"[{i}] {p}" for i, p in enumerate(passages, 1))
+        examples = [
+            (_CONTEXT_RELEVANCE_PROMPT.format(question=q, context=c), reply)
+            for (q, c), reply in zip(_CONTEXT_RELEVANCE_EXAMPLES, ("yes", "no"), strict=True)
+        ]
+        prompt = _CONTEXT_RELEVANCE_PROMPT.format(
+            question=_truncate(sample.question, self.max_chars),
+            context=_truncate(context, self.max_chars),
+        )
+        return _with_examples(_YES_NO_SYSTEM, examples, prompt)
+
+
 # Options are keyword arguments of the classes; an unknown one is a TypeError (a 400 naming it).
 register_scorer("judge.rubric")(RubricJudge)
 register_scorer("judge.correctness")(CorrectnessJudge)
 register_scorer("judge.groundedness")(GroundednessJudge)
 register_scorer("judge.faithfulness")(functools.partial(GroundednessJudge, "judge.faithfulness"))
 register_scorer("judge.relevance")(RelevanceJudge)
+register_scorer("judge.context_relevance")(ContextRelevanceJudge)

@@ -57,6 +57,15 @@ class Answer:
     cost: float | None = None
     trace_id: str | None = None
     cached: bool = False
+    # The passages a rag target retrieved (its citations): context for groundedness judges.
+    context: list[str] | None = None
+
+
+def _cited_context(response: dict[str, Any]) -> list[str] | None:
+    citations = response.get("citations")
+    if not isinstance(citations, list):
+        return None
+    return [str(c.get("text") or "") for c in citations if isinstance(c, dict)]
 
 
 @dataclass
@@ -356,6 +365,7 @@ class EvalRunner:
                     cost=hit["meta"].get("cost"),
                     trace_id=hit["meta"].get("trace_id"),
                     cached=True,
+                    context=_cited_context(hit["response"]),
                 )
                 job.progress.cache_hits += 1
                 job.progress.done += 1
@@ -373,6 +383,7 @@ class EvalRunner:
                         latency_ms=meta.get("latency_ms"),
                         cost=meta.get("cost"),
                         trace_id=meta.get("trace_id"),
+                        context=_cited_context(response),
                     )
                     fresh.append((keys[index], response, meta))
             if answers[index].error is not None:
@@ -436,7 +447,7 @@ class EvalRunner:
                 output=answer.output or "",
                 expected=item.get("expected"),
                 messages=item.get("messages") or [],
-                context=item.get("context") or [],
+                context=item.get("context") or answer.context or [],
                 metadata={**(item.get("metadata") or {}), "variables": item.get("variables")},
                 latency_ms=answer.latency_ms,
                 cost=answer.cost,

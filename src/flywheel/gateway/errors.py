@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from flywheel.errors import ServiceError
 from flywheel.providers.base import ProviderError
 
 _TYPES = {
@@ -52,6 +53,20 @@ def error_body(
     code: str | None = None,
 ) -> dict[str, Any]:
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def from_service_error(
+    error: ServiceError, *, param: str | None = None, type: str | None = None
+) -> GatewayError:
+    """A stage's refusal in the OpenAI shape; ``param`` names the field when the service did
+    not."""
+    return GatewayError(
+        error.status_code,
+        error.message,
+        param=error.param or param,
+        code=error.code,
+        type=type,
+    )
 
 
 def from_provider_error(error: ProviderError, target: str) -> GatewayError:

@@ -12,6 +12,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 PROMPT_PREFIX = "prompt:"
+RAG_PREFIX = "rag:"
+PIPELINE_PREFIX = "pipeline:"
 
 
 class _OpenAIBody(BaseModel):
@@ -34,6 +36,8 @@ class ChatCompletionRequest(_OpenAIBody):
     messages: list[ChatMessage] = Field(default_factory=list)
     # Flywheel's extension: the variables of a prompt target (``extra_body`` in the SDK).
     variables: dict[str, Any] | None = None
+    # Flywheel's extension for ``rag:`` targets: top_k, mode and filters of the retrieval.
+    retrieval: dict[str, Any] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     max_tokens: int | None = Field(default=None, ge=1)
@@ -50,7 +54,7 @@ class ChatCompletionRequest(_OpenAIBody):
     @cached_property
     def params(self) -> dict[str, Any]:
         """Everything but ``model``, as received: dumped once per request (hot path)."""
-        return self.model_dump(exclude_none=True, exclude={"model", "variables"})
+        return self.model_dump(exclude_none=True, exclude={"model", "variables", "retrieval"})
 
     def upstream_body(self, model_name: str) -> dict[str, Any]:
         """The body to send a target: as received, with the target's own model name."""

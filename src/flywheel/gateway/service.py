@@ -16,14 +16,21 @@ import numpy as np
 
 from flywheel.config import CatalogModel, FlywheelConfig, RouteConfig
 from flywheel.errors import ServiceError
-from flywheel.gateway.errors import GatewayError, from_provider_error
+from flywheel.gateway.errors import GatewayError, from_provider_error, from_service_error
 from flywheel.gateway.limits import BudgetAlert, Limiter, LimitExceeded, Reservation, Subject
 from flywheel.gateway.routing import RouteTable, Step
-from flywheel.gateway.schemas import PROMPT_PREFIX, ChatCompletionRequest, EmbeddingRequest
+from flywheel.gateway.schemas import (
+    PIPELINE_PREFIX,
+    PROMPT_PREFIX,
+    RAG_PREFIX,
+    ChatCompletionRequest,
+    EmbeddingRequest,
+)
 from flywheel.guards.policy import GuardBlocked, GuardPolicy, GuardVerdict, StreamGuard
 from flywheel.guards.privacy import redact_content
 from flywheel.providers import InvalidRequest, Provider, ProviderError, ProviderRegistry
 from flywheel.tracing import TraceWriter, new_span_id, new_trace_id
+from flywheel.tracing.content import last_user_text
 from flywheel.tracing.metrics import GatewayMetrics
 
 log = logging.getLogger("flywheel.gateway")
@@ -50,12 +57,16 @@ class PromptVersion(Protocol):
     def model(self) -> str | None: ...
     @property
     def params(self) -> dict[str, Any]: ...
+    @property
+    def variables(self) -> dict[str, Any]: ...
 
     def render(self, variables: dict[str, Any]) -> list[dict[str, str]]: ...
 
 
 # (project_id, "NAME@LABEL" | "NAME@VERSION" | "NAME") -> the version; raises ServiceError.
 PromptResolver = Callable[[str, str], PromptVersion]
+RETRIEVAL_OPTIONS = {"top_k": int, "mode": str, "filters": dict}
+MAX_RETRIEVAL_TOP_K = 100
 
 
 @dataclass
@@ -74,6 +85,16 @@ class CallContext:
     # Filled when the call is recorded: what it cost and how long it took, for callers
     # inside the server (eval runs) that need more than the OpenAI response says.
     outcome: dict[str, Any] | None = None
+
+
+# (caller, knowledge base, question, options, capture mode) -> {"context": text for the
+# model, "hits": [...], "citations": [...], "index_version": int | None}; records its
+# retrieval span under the caller's span, keeping what the route's capture mode allows.
+# Raises ServiceError.
+Retrieve = Callable[["CallContext", str, str, dict[str, Any], str], Awaitable[dict[str, Any]]]
+# (caller, pipeline name, messages) -> {"status", "output", "error", "usage"}; the pipeline's
+# spans nest under the caller's span. Raises ServiceError (unknown pipeline, bad inputs).
+RunPipeline = Callable[["CallContext", str, list[dict[str, Any]]], Awaitable[dict[str, Any]]]
 
 
 @dataclass
@@ -97,6 +118,11 @@ class _Call:
     resolve_as: str | None = None
     attributes: dict[str, Any] | None = None
     guards: GuardVerdict | None = None
+    # A rag call's sources, returned with the answer.
+    citations: list[dict[str, Any]] | None = None
+    # Variables a rag call offers its prompt (question, context, hits): each is passed only
+    # when the prompt's schema declares it; the caller's own variables win.
+    offered: dict[str, Any] | None = None
 
 
 def _has_content(chunk: dict[str, Any]) -> bool:
@@ -137,6 +163,8 @@ class Gateway:
         deadline: float | None = None,
         metrics: GatewayMetrics | None = None,
         on_traced: TracedHook | None = None,
+        retrieve: Retrieve | None = None,
+        run_pipeline: RunPipeline | None = None,
     ) -> None:
         self.config = config
         self.providers = providers
@@ -150,6 +178,8 @@ class Gateway:
         self.deadline = deadline
         self.metrics = metrics
         self.on_traced = on_traced
+        self.retrieve = retrieve
+        self.run_pipeline = run_pipeline
 
     def reconfigure(self, config: FlywheelConfig) -> None:
         """Serve a new catalog, routes and guards; calls in flight finish on the old ones."""
@@ -159,8 +189,9 @@ class Gateway:
     # -- discovery -------------------------------------------------------------------------
 
     def knows(self, model: str) -> bool:
-        """Whether ``model`` names a route or a catalog model (not blocked) here."""
-        if model in self.routes.routes:
+        """Whether ``model`` names a route, a catalog model (not blocked), or a knowledge base
+        or pipeline by prefix (those are checked when called)."""
+        if model in self.routes.routes or model.startswith((RAG_PREFIX, PIPELINE_PREFIX)):
             return True
         return any(m.name == model and m.status != "blocked" for m in self.config.models)
 
@@ -184,19 +215,25 @@ class Gateway:
         ]
         return out
 
+    @staticmethod
+    def _check_allowed(call: _Call, name: str) -> None:
+        """A key with a model allow-list may call only what it lists (by the name it asked
+        for, or the route that name resolves to)."""
+        allowed = call.ctx.allowed_models
+        if allowed is not None and call.route not in allowed and name not in allowed:
+            raise GatewayError(
+                403,
+                f"This API key may not call '{call.route}'; it may call: "
+                f"{', '.join(allowed) or 'nothing'}.",
+                param="model",
+                code="model_not_allowed",
+                type="permission_error",
+            )
+
     def _resolve(self, call: _Call, kind: str) -> RouteConfig:
         name = call.resolve_as or call.route
         try:
-            allowed = call.ctx.allowed_models
-            if allowed is not None and call.route not in allowed and name not in allowed:
-                raise GatewayError(
-                    403,
-                    f"This API key may not call '{call.route}'; it may call: "
-                    f"{', '.join(allowed) or 'nothing'}.",
-                    param="model",
-                    code="model_not_allowed",
-                    type="permission_error",
-                )
+            self._check_allowed(call, name)
             route = self.routes.resolve(name, kind)
             if call.resolve_as is not None:
                 self._check_prompt_model(call, route)
@@ -261,7 +298,12 @@ class Gateway:
                 # Both off the event loop: a miss reads the database, and a template can be
                 # costly to render.
                 version = resolve(call.ctx.project_id or "", ref)
-                return version, version.render(request.variables or {})
+                variables = dict(request.variables or {})
+                if call.offered:
+                    declared = (version.variables or {}).get("properties") or {}
+                    offered = {k: v for k, v in call.offered.items() if k in declared}
+                    variables = {**offered, **variables}
+                return version, version.render(variables)
 
             try:
                 version, messages = await asyncio.to_thread(resolve_and_render)
@@ -291,6 +333,167 @@ class Gateway:
         }
         call.input = {**expanded.params, "variables": request.variables or {}}
         return expanded
+
+    # -- retrieval (rag) ---------------------------------------------------------------------
+
+    def _rag_target(self, model: str) -> tuple[str, dict[str, Any], str | None] | None:
+        """(knowledge base, retrieval options, prompt ref) when ``model`` retrieves first."""
+        if model.startswith(RAG_PREFIX):
+            return model[len(RAG_PREFIX) :], {}, None
+        route = self.routes.routes.get(model)
+        if route is None or route.rag is None:
+            return None
+        rag = route.rag
+        options: dict[str, Any] = {"top_k": rag.top_k, "mode": rag.mode, "filters": rag.filters}
+        return rag.knowledge_base, {k: v for k, v in options.items() if v}, rag.prompt
+
+    @staticmethod
+    def _retrieval_options(request: ChatCompletionRequest) -> dict[str, Any]:
+        options = dict(request.retrieval or {})
+        for key, value in options.items():
+            kind = RETRIEVAL_OPTIONS.get(key)
+            valid = kind is not None and isinstance(value, kind) and not isinstance(value, bool)
+            if key == "top_k" and valid:
+                valid = 1 <= value <= MAX_RETRIEVAL_TOP_K
+            if key == "mode" and valid:
+                valid = value in ("dense", "bm25", "hybrid")
+            if not valid:
+                raise GatewayError(
+                    400,
+                    f"Invalid 'retrieval.{key}': allowed are top_k (1 to "
+                    f"{MAX_RETRIEVAL_TOP_K}), mode (dense, bm25 or hybrid) and filters (object).",
+                    param=f"retrieval.{key}",
+                    code="invalid_value",
+                )
+        return options
+
+    async def _augment(self, call: _Call, request: ChatCompletionRequest) -> ChatCompletionRequest:
+        """For a rag target: search its knowledge base with the last user message, and give
+        the model the hits (as a system message, or through the route's prompt)."""
+        target = self._rag_target(request.model)
+        try:
+            if target is None:
+                if request.retrieval is not None:
+                    raise GatewayError(
+                        400,
+                        f"'retrieval' is for rag targets; '{request.model}' is not one.",
+                        param="retrieval",
+                        code="invalid_value",
+                    )
+                return request
+            knowledge_base, options, prompt = target
+            options = {**options, **self._retrieval_options(request)}
+            messages = list(request.params.get("messages") or [])
+            question = last_user_text(messages)
+            if not question:
+                raise GatewayError(
+                    400,
+                    "A rag call searches with the last user message; there is none.",
+                    param="messages",
+                    code="invalid_value",
+                )
+            if self.retrieve is None:
+                raise GatewayError(400, "Retrieval is not available here.", param="model")
+            try:
+                found = await self.retrieve(
+                    call.ctx, knowledge_base, question, options, self._capture(call)
+                )
+            except ServiceError as exc:
+                raise from_service_error(exc, param="model") from None
+        except GatewayError as exc:
+            self._record(call, error=exc)
+            raise
+        call.citations = found["citations"]
+        call.attributes = {
+            **(call.attributes or {}),
+            "flywheel.rag.knowledge_base": knowledge_base,
+            "flywheel.rag.index_version": found.get("index_version"),
+            "flywheel.rag.hits": len(found["hits"]),
+        }
+        params = dict(request.params)
+        if prompt is not None:
+            # The prompt is the whole conversation: it takes the question (and the history,
+            # as ``messages``, when it declares it).
+            call.offered = {
+                "question": question,
+                "context": found["context"],
+                "hits": found["hits"],
+                "messages": messages,
+            }
+            params["messages"] = []
+            return ChatCompletionRequest.model_validate(
+                {**params, "model": PROMPT_PREFIX + prompt, "variables": request.variables or {}}
+            )
+        params["messages"] = [{"role": "system", "content": found["context"]}, *messages]
+        call.input = params
+        if request.model.startswith(RAG_PREFIX):
+            call.resolve_as = DEFAULT_ROUTE
+        return ChatCompletionRequest.model_validate(
+            {**params, "model": request.model, "variables": request.variables}
+        )
+
+    async def _prepare(self, call: _Call, request: ChatCompletionRequest) -> ChatCompletionRequest:
+        """Retrieval, then prompt rendering: the request as its target model gets it."""
+        augmented = await self._augment(call, request)
+        expanded = await self._expand_prompt(call, augmented)
+        if augmented is not request and augmented.model.startswith(PROMPT_PREFIX):
+            # A rag route's prompt shapes the messages; the route's own targets answer.
+            call.resolve_as = None
+            call.attributes = {**(call.attributes or {}), "flywheel.rag.prompt": augmented.model}
+        return expanded
+
+    # -- pipelines ---------------------------------------------------------------------------
+
+    def _pipeline_name(self, model: str) -> str | None:
+        if model.startswith(PIPELINE_PREFIX):
+            return model[len(PIPELINE_PREFIX) :]
+        route = self.routes.routes.get(model)
+        return route.pipeline if route is not None else None
+
+    async def _pipeline(
+        self, call: _Call, name: str, request: ChatCompletionRequest
+    ) -> dict[str, Any]:
+        """Run a pipeline for a chat call and answer with its output as the message."""
+        try:
+            self._check_allowed(call, call.route)
+            if self.run_pipeline is None:
+                raise GatewayError(400, "Pipelines are not available here.", param="model")
+            messages = list(request.params.get("messages") or [])
+            try:
+                result = await self.run_pipeline(call.ctx, name, messages)
+            except ServiceError as exc:
+                raise from_service_error(exc, param="model") from None
+            if result.get("status") != "ok":
+                raise GatewayError(
+                    502,
+                    f"Pipeline '{name}' failed: {result.get('error')}",
+                    code="pipeline_failed",
+                )
+        except GatewayError as exc:
+            self._record(call, error=exc)
+            raise
+        output = result.get("output")
+        content = output if isinstance(output, str) else json.dumps(output, ensure_ascii=False)
+        usage = result.get("usage") or {
+            "prompt_tokens": 0,
+            "completion_tokens": 0,
+            "total_tokens": 0,
+        }
+        call.attributes = {**(call.attributes or {}), "flywheel.pipeline.name": name}
+        message = {"role": "assistant", "content": content}
+        self._record(
+            call,
+            usage=usage,
+            output={"choices": [{"message": message, "finish_reason": "stop"}]},
+        )
+        return {
+            "id": f"chatcmpl-{call.ctx.trace_id}",
+            "object": "chat.completion",
+            "created": int(call.started),
+            "model": request.model,
+            "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
+            "usage": usage,
+        }
 
     # -- limits and budgets ----------------------------------------------------------------
 
@@ -540,7 +743,10 @@ class Gateway:
     async def chat(self, request: ChatCompletionRequest, ctx: CallContext) -> dict[str, Any]:
         """A non-streamed completion."""
         call = _Call(ctx, "gateway.chat", request.model, False, request.params)
-        request = await self._expand_prompt(call, request)
+        pipeline = self._pipeline_name(request.model)
+        if pipeline is not None:
+            return await self._pipeline(call, pipeline, request)
+        request = await self._prepare(call, request)
         policy = self._policy(call)
         if policy is not None and policy.input:
             request = await self._guard_input(call, policy, request)
@@ -555,6 +761,8 @@ class Gateway:
             ]
         }
         self._record(call, usage=usage, output=output)
+        if call.citations is not None:
+            response = {**response, "citations": call.citations}
         return response
 
     async def stream_chat(
@@ -564,7 +772,11 @@ class Gateway:
         before that falls back; the returned iterator then yields SSE bytes. An error after
         the first token ends the stream with an OpenAI-style error event."""
         call = _Call(ctx, "gateway.chat", request.model, True, request.params)
-        request = await self._expand_prompt(call, request)
+        pipeline = self._pipeline_name(request.model)
+        if pipeline is not None:
+            response = await self._pipeline(call, pipeline, request)
+            return self._replay(response)
+        request = await self._prepare(call, request)
         policy = self._policy(call)
         if policy is not None and policy.input:
             request = await self._guard_input(call, policy, request)
@@ -594,6 +806,21 @@ class Gateway:
         call.ttft_ms = (time.perf_counter() - call.perf_start) * 1000
         output_policy = policy if policy is not None and policy.output else None
         return self._relay(call, chunks, buffered, include_usage, output_policy)
+
+    @staticmethod
+    async def _replay(response: dict[str, Any]) -> AsyncIterator[bytes]:
+        """A finished completion as a stream: one content chunk, the finish, then usage."""
+        base = {
+            "id": response["id"],
+            "object": "chat.completion.chunk",
+            "created": response["created"],
+            "model": response["model"],
+        }
+        message = response["choices"][0]["message"]
+        yield sse({**base, "choices": [{"index": 0, "delta": message, "finish_reason": None}]})
+        yield sse({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+        yield sse({**base, "choices": [], "usage": response["usage"]})
+        yield sse("[DONE]")
 
     async def _guarded(
         self, call: _Call, policy: GuardPolicy, source: AsyncIterator[dict[str, Any]]
@@ -659,6 +886,18 @@ class Gateway:
                 yield chunk
 
         source = all_chunks()
+        if call.citations is not None:
+            # A rag stream names its sources first, in a chunk without choices.
+            yield sse(
+                {
+                    "id": (buffered[0].get("id") if buffered else None) or "chatcmpl-rag",
+                    "object": "chat.completion.chunk",
+                    "created": int(call.started),
+                    "model": call.route,
+                    "choices": [],
+                    "citations": call.citations,
+                }
+            )
         if output_policy is not None:
             source = self._guarded(call, output_policy, source)
         try:
@@ -741,6 +980,11 @@ class Gateway:
             return None
         return call.model.pricing.cost(usage.get("prompt_tokens"), usage.get("completion_tokens"))
 
+    def _capture(self, call: _Call) -> str:
+        """What the call's traces may keep: its route's capture mode, else the server's."""
+        route = self.routes.routes.get(call.route)
+        return (route.capture if route is not None else None) or self.capture
+
     def _record(
         self,
         call: _Call,
@@ -769,8 +1013,7 @@ class Gateway:
             if verdict.blocked is not None:
                 attributes["flywheel.guard.blocked"] = verdict.blocked.guard
         call.ctx.outcome = {"cost": cost, "latency_ms": latency_ms, "trace_id": call.ctx.trace_id}
-        route = self.routes.routes.get(call.route)
-        capture = (route.capture if route is not None else None) or self.capture
+        capture = self._capture(call)
         span: dict[str, Any] = {
             "trace_id": call.ctx.trace_id,
             "span_id": call.ctx.span_id,

@@ -17,6 +17,9 @@ class Transport(Protocol):
         json: Any = None,
         params: dict[str, Any] | None = None,
         content: bytes | None = None,
+        files: Any = None,
+        data: dict[str, Any] | None = None,
+        headers: dict[str, str] | None = None,
     ) -> Any: ...
 
     def _raw(self, path: str, params: dict[str, Any] | None = None) -> bytes: ...

@@ -32,6 +32,7 @@ import httpx
 from flywheel.sdk._paths import api_path as _path
 from flywheel.sdk.evals import Datasets, Evals, Feedback
 from flywheel.sdk.monitor import Alerts, Guards, Monitor
+from flywheel.sdk.rag import KnowledgeBases, Pipelines
 
 log = logging.getLogger("flywheel.sdk")
 
@@ -407,7 +408,8 @@ class Config:
 
 class Client:
     """A Flywheel server: ``prompts``, ``approvals``, ``config``, ``datasets``,
-    ``feedback``, ``evals``, ``monitor``, ``guards``, ``alerts`` and ``chat``.
+    ``feedback``, ``evals``, ``monitor``, ``guards``, ``alerts``, ``kbs``, ``pipelines``
+    and ``chat``.
 
     ``base_url`` defaults to ``FLYWHEEL_BASE_URL`` (else ``http://127.0.0.1:8000``) and
     ``api_key`` to ``FLYWHEEL_API_KEY``. ``project`` picks a project for keys that may act
@@ -447,6 +449,8 @@ class Client:
         self.monitor = Monitor(self)
         self.guards = Guards(self)
         self.alerts = Alerts(self)
+        self.kbs = KnowledgeBases(self)
+        self.pipelines = Pipelines(self)
 
     def __repr__(self) -> str:
         return f"Client(base_url={self.base_url!r})"
@@ -543,9 +547,21 @@ class Client:
         json: Any = None,
         params: dict[str, Any] | None = None,
         content: bytes | None = None,
+        files: Any = None,
+        data: dict[str, Any] | None = None,
+        headers: dict[str, str] | None = None,
     ) -> Any:
         """Send a request; return the decoded JSON answer (``None`` when empty)."""
-        request = self._http.build_request(method, path, json=json, params=params, content=content)
+        request = self._http.build_request(
+            method,
+            path,
+            json=json,
+            params=params,
+            content=content,
+            files=files,
+            data=data,
+            headers=headers,
+        )
         response = self._send(request)
         if not response.content:
             return None

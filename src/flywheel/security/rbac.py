@@ -43,6 +43,10 @@ class Permission(StrEnum):
     EVALS_WRITE = "evals:write"
     MONITOR_READ = "monitor:read"
     MONITOR_WRITE = "monitor:write"
+    KB_READ = "kb:read"
+    KB_WRITE = "kb:write"
+    PIPELINES_READ = "pipelines:read"
+    PIPELINES_WRITE = "pipelines:write"
 
 
 Role = Literal["viewer", "reviewer", "developer", "admin"]
@@ -62,6 +66,8 @@ READ = frozenset(
         P.DATASETS_READ,
         P.EVALS_READ,
         P.MONITOR_READ,
+        P.KB_READ,
+        P.PIPELINES_READ,
     }
 )
 ROLE_PERMISSIONS: dict[str, frozenset[Permission]] = {
@@ -78,6 +84,8 @@ ROLE_PERMISSIONS: dict[str, frozenset[Permission]] = {
         P.DATASETS_WRITE,
         P.EVALS_WRITE,
         P.MONITOR_WRITE,
+        P.KB_WRITE,
+        P.PIPELINES_WRITE,
     },
     "admin": READ
     | {
@@ -90,6 +98,8 @@ ROLE_PERMISSIONS: dict[str, frozenset[Permission]] = {
         P.DATASETS_WRITE,
         P.EVALS_WRITE,
         P.MONITOR_WRITE,
+        P.KB_WRITE,
+        P.PIPELINES_WRITE,
         P.KEYS_MANAGE,
         P.MEMBERS_MANAGE,
         P.SECRETS_MANAGE,
@@ -100,8 +110,11 @@ ROLE_PERMISSIONS: dict[str, frozenset[Permission]] = {
 INSTANCE_ONLY = frozenset({P.PROJECTS_MANAGE, P.USERS_MANAGE, P.CONFIG_WRITE})
 ALL_PERMISSIONS = frozenset(Permission) - {P.PUBLIC}
 SCOPE_PERMISSIONS: dict[str, frozenset[Permission]] = {
-    # What an application needs: the gateway, its prompts, and its own spans from the SDK.
-    "gateway": frozenset({P.AUTHENTICATED, P.GATEWAY_CALL, P.PROMPTS_READ, P.TRACES_WRITE}),
+    # What an application needs: the gateway, its prompts, knowledge-base search, and its
+    # own spans from the SDK.
+    "gateway": frozenset(
+        {P.AUTHENTICATED, P.GATEWAY_CALL, P.PROMPTS_READ, P.TRACES_WRITE, P.KB_READ}
+    ),
     "feedback": frozenset({P.AUTHENTICATED, P.FEEDBACK_WRITE}),
     "read": READ,
     "admin": ALL_PERMISSIONS,

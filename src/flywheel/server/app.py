@@ -29,6 +29,7 @@ from flywheel.server.routers import (
     openai,
     otlp,
     prompts,
+    rag,
 )
 from flywheel.server.services import Services
 from flywheel.ui import admin as ui_admin
@@ -37,6 +38,7 @@ from flywheel.ui import evals as ui_evals
 from flywheel.ui import govern
 from flywheel.ui import monitor as ui_monitor
 from flywheel.ui import prompts as ui_prompts
+from flywheel.ui import rag as ui_rag
 from flywheel.ui import routes as ui
 
 log = logging.getLogger("flywheel.server")
@@ -94,12 +96,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(evals.router)
     app.include_router(monitor.router)
     app.include_router(monitor.metrics_router)
+    app.include_router(rag.router)
     ui.install(app)
     app.include_router(govern.router)
     app.include_router(ui_prompts.router)
     app.include_router(ui_datasets.router)
     app.include_router(ui_evals.router)
     app.include_router(ui_monitor.router)
+    app.include_router(ui_rag.router)
     app.include_router(ui_admin.router)
 
     @app.get("/healthz", tags=["ops"])

@@ -4,21 +4,27 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from typing import Any, TypeVar
 
 from fastapi import Request
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ValidationError
+from starlette.datastructures import FormData
 
 from flywheel.errors import ServiceError
-from flywheel.gateway import GatewayError
+from flywheel.gateway import CallContext, GatewayError
+from flywheel.gateway.errors import from_service_error
 from flywheel.gateway.limits import Limits, Subject
 from flywheel.security import AccessError, AuthenticatedKey, Permission, Principal
 from flywheel.server.policy import required_permission
 from flywheel.server.services import Services
+from flywheel.tracing import parse_traceparent
 
 M = TypeVar("M", bound=BaseModel)
+T = TypeVar("T")
+# Files one form may carry (Starlette's own default).
+MAX_FORM_FILES = 1000
 
 
 def services(request: Request) -> Services:
@@ -61,6 +67,16 @@ async def read_body(request: Request, limit: int | None = None) -> bytes:
     return bytes(body)
 
 
+async def read_form(
+    request: Request, limit: int | None = None, max_files: int = MAX_FORM_FILES
+) -> FormData:
+    """A form, its body refused (413) past ``limit`` bytes (default: the upload limit) before
+    it is parsed; later calls return the same form."""
+    body = await read_body(request, limit or services(request).settings.max_upload_bytes)
+    request._body = body  # form() parses the body already read (and limited) here
+    return await request.form(max_files=max_files, max_fields=100)
+
+
 async def read_json(request: Request, model: type[M], *, optional: bool = False) -> M:
     """Parse and validate a JSON body, refusing bodies over the configured size; with
     ``optional``, an empty body means ``{}``."""
@@ -81,6 +97,14 @@ async def read_json(request: Request, model: type[M], *, optional: bool = False)
         raise validation_error(exc.errors()) from None
 
 
+async def awaited(operation: Awaitable[T]) -> T:
+    """Await a service coroutine; its refusals become OpenAI-style errors."""
+    try:
+        return await operation
+    except ServiceError as exc:
+        raise service_error(exc) from None
+
+
 async def call_service(function: Any, *args: Any, **kwargs: Any) -> Any:
     """Run a service operation off the event loop; its refusals become OpenAI-style errors."""
     try:
@@ -97,7 +121,7 @@ def service_error(exc: ServiceError) -> GatewayError:
     kind = {401: "authentication_error", 403: "permission_error"}.get(
         exc.status_code, "invalid_request_error"
     )
-    return GatewayError(exc.status_code, exc.message, param=exc.param, code=exc.code, type=kind)
+    return from_service_error(exc, type=kind)
 
 
 async def authenticate(request: Request) -> Principal:
@@ -177,6 +201,22 @@ async def limit_subjects(svc: Services, caller: Principal) -> tuple[Subject, ...
         else ()
     )
     return own + await svc.project_limit_subjects(caller.project_id)
+
+
+async def gateway_context(request: Request) -> CallContext:
+    """The caller as the gateway sees it: key, project, model allow-list, limits, and the
+    trace a ``traceparent`` header asks to join."""
+    caller = principal(request)
+    ctx = CallContext(
+        api_key_id=caller.key_id,
+        project_id=caller.project_id,
+        allowed_models=caller.allowed_models,
+        limit_subjects=await limit_subjects(services(request), caller),
+    )
+    parent = parse_traceparent(request.headers.get("traceparent"))
+    if parent is not None:
+        ctx.trace_id, ctx.parent_id = parent
+    return ctx
 
 
 def principal(request: Request) -> Principal:

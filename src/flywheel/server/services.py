@@ -21,29 +21,45 @@ from flywheel.errors import ServiceError
 from flywheel.evals.release import ReleaseGate
 from flywheel.evals.runner import EvalRunner
 from flywheel.evals.suites import EvalError, EvalSuites, is_prompt
-from flywheel.gateway import CallContext, ChatCompletionRequest, Gateway, GatewayError
+from flywheel.gateway import (
+    CallContext,
+    ChatCompletionRequest,
+    EmbeddingRequest,
+    Gateway,
+    GatewayError,
+)
 from flywheel.gateway.limits import BudgetAlert, Limiter, Limits, Subject, make_limiter
 from flywheel.monitor.alerts import AlertEvaluator, AlertRules
 from flywheel.monitor.drift import DriftMonitor
 from flywheel.monitor.metrics import route_names
 from flywheel.monitor.online import OnlineJudging
+from flywheel.pipelines.runner import PipelineInputError, PipelineRun, PipelineRunner
+from flywheel.pipelines.store import PipelineStore
 from flywheel.prompts import PromptRegistry
 from flywheel.prompts.declare import PromptDeclarations
 from flywheel.providers import Provider, ProviderRegistry
+from flywheel.rag.knowledge import KnowledgeBases
+from flywheel.rag.search import Retriever
+from flywheel.rag.serving import RagAnswering
 from flywheel.security import AccessService, ApiKeyStore
 from flywheel.security.approvals import ApprovalService
 from flywheel.security.audit import AuditLog
 from flywheel.security.secrets import SecretBox, SecretStore, load_master_key
 from flywheel.security.throttle import LoginThrottle
 from flywheel.server.configuration import ConfigService
+from flywheel.server.pipeline_host import GatewayPipelineHost
 from flywheel.store import DEFAULT_PROJECT_ID, Database
+from flywheel.store.artifacts import ArtifactStore
 from flywheel.tracing import TraceQueries, TraceWriter
+from flywheel.tracing.content import last_user_text
 from flywheel.tracing.feedback import FeedbackStore
 from flywheel.tracing.metrics import GatewayMetrics
 from flywheel.tracing.otlp import OtlpExporter
 from flywheel.tracing.retention import purge_expired
 
 log = logging.getLogger("flywheel.server")
+# Span attributes of calls the server makes on a project's behalf (reranks, embeddings).
+INTERNAL_CALL = {"flywheel.internal": True}
 
 
 def session_secret(home: Path) -> str:
@@ -132,7 +148,12 @@ class Services:
     metrics: GatewayMetrics
     drift: DriftMonitor
     alert_rules: AlertRules
+    artifacts: ArtifactStore
+    pipelines: PipelineStore
     configs: ConfigService = field(init=False)
+    kbs: KnowledgeBases = field(init=False)
+    retriever: Retriever = field(init=False)
+    rag: RagAnswering = field(init=False)
     evals: EvalRunner = field(init=False)
     online: OnlineJudging = field(init=False)
     alerts: AlertEvaluator = field(init=False)
@@ -173,6 +194,13 @@ class Services:
         self.online.configure(self.config)
         self.gateway.on_traced = self.online.offer
         self.alerts = AlertEvaluator(self.db, self.alert_rules, self.secrets.reveal)
+        self.kbs = KnowledgeBases(self.db, self.audit, self.artifacts, self.embed_call)
+        self.retriever = Retriever(
+            self.kbs, lambda project_id, body: self.judge_call(project_id, body, INTERNAL_CALL)
+        )
+        self.rag = RagAnswering(self.retriever, self.writer)
+        self.gateway.retrieve = self.rag_retrieve
+        self.gateway.run_pipeline = self.pipeline_call
         self.metrics.add_queue(
             "flywheel_trace_writer_pending",
             "Span and score rows waiting for the trace writer.",
@@ -211,6 +239,84 @@ class Services:
         """An online judge's call through the gateway, as the project."""
         response, _ = await self.eval_call(project_id, body, attributes)
         return response
+
+    async def embed_call(self, project_id: str, model: str, texts: list[str]) -> list[list[float]]:
+        """Embeddings from a catalog model through the gateway, as the project."""
+        ctx = CallContext(
+            project_id=project_id,
+            limit_subjects=await self.project_limit_subjects(project_id),
+            attributes=INTERNAL_CALL,
+        )
+        try:
+            response = await self.gateway.embeddings(
+                EmbeddingRequest(model=model, input=texts), ctx
+            )
+        except GatewayError as exc:
+            raise ServiceError(exc.status_code, exc.message, exc.code, exc.param) from None
+        rows = sorted(response["data"], key=lambda item: item["index"])
+        return [row["embedding"] for row in rows]
+
+    async def rag_retrieve(
+        self,
+        ctx: CallContext,
+        knowledge_base: str,
+        question: str,
+        options: dict[str, Any],
+        capture: str = "full",
+    ) -> dict[str, Any]:
+        """A gateway rag call's retrieval, recorded under the call's span."""
+        return await self.rag.retrieve(
+            ctx.project_id or DEFAULT_PROJECT_ID,
+            knowledge_base,
+            question,
+            options,
+            trace_id=ctx.trace_id,
+            parent_id=ctx.span_id,
+            api_key_id=ctx.api_key_id,
+            capture=capture,
+        )
+
+    async def run_pipeline(
+        self, ctx: CallContext, name: str, inputs: dict[str, Any]
+    ) -> PipelineRun:
+        """Run a pipeline of the caller's project as the caller (a 400 for bad inputs)."""
+        spec = await asyncio.to_thread(self.pipelines.spec, ctx.project_id or "", name)
+        runner = PipelineRunner(GatewayPipelineHost(self, ctx))
+        try:
+            return await runner.run(
+                spec,
+                inputs,
+                trace_id=ctx.trace_id,
+                parent_id=ctx.parent_id,
+                project_id=ctx.project_id,
+                attributes=ctx.attributes,
+            )
+        except PipelineInputError as exc:
+            raise ServiceError(400, str(exc), "invalid_value", "inputs") from None
+
+    async def pipeline_call(
+        self, ctx: CallContext, name: str, messages: list[dict[str, Any]]
+    ) -> dict[str, Any]:
+        """A pipeline behind a chat route: its ``question`` input is the last user message and
+        its ``messages`` input (when declared) the conversation; its output is the answer."""
+        spec = await asyncio.to_thread(self.pipelines.spec, ctx.project_id or "", name)
+        declared = set(spec.inputs)
+        inputs: dict[str, Any] = {}
+        if "question" in declared:
+            inputs["question"] = last_user_text(messages) or ""
+        if "messages" in declared:
+            inputs["messages"] = messages
+        run_ctx = CallContext(
+            api_key_id=ctx.api_key_id,
+            project_id=ctx.project_id,
+            allowed_models=None,
+            limit_subjects=ctx.limit_subjects,
+            trace_id=ctx.trace_id,
+            parent_id=ctx.span_id,
+            attributes=ctx.attributes,
+        )
+        run = await self.run_pipeline(run_ctx, name, inputs)
+        return {"status": run.status, "output": run.output, "error": run.error}
 
     async def eval_call(
         self,
@@ -360,6 +466,8 @@ class Services:
             exporter=exporter,
             drift=DriftMonitor(db),
             alert_rules=AlertRules(db, audit),
+            artifacts=ArtifactStore(settings.resolved_artifact_root),
+            pipelines=PipelineStore(db, audit),
         )
 
     def start_background(self) -> None:

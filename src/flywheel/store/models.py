@@ -11,6 +11,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     String,
     Text,
     UniqueConstraint,
@@ -550,3 +551,114 @@ class AlertEvent(Base):
     last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[float] = mapped_column(Float)
     delivered_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class KnowledgeBase(Base):
+    """A project's searchable collection of documents; ``settings`` holds its chunker,
+    embedder and search defaults, and ``index_version`` the index that searches use."""
+
+    __tablename__ = "knowledge_bases"
+    __table_args__ = (UniqueConstraint("project_id", "name", name="uq_knowledge_bases_name"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    project_id: Mapped[str] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(128))
+    description: Mapped[str] = mapped_column(Text, default="")
+    settings: Mapped[Any] = mapped_column(JSON)
+    index_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    created_at: Mapped[float] = mapped_column(Float)
+    created_by: Mapped[str] = mapped_column(String(200))
+    updated_at: Mapped[float] = mapped_column(Float)
+
+
+class KbDocument(Base):
+    """One document of a knowledge base, by source (path or URL). Re-ingesting a source with
+    new content makes a new ``version`` and new chunks; the same content changes nothing."""
+
+    __tablename__ = "kb_documents"
+    __table_args__ = (
+        UniqueConstraint("kb_id", "source", name="uq_kb_documents_source"),
+        Index("ix_kb_documents_hash", "kb_id", "content_hash"),
+    )
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    kb_id: Mapped[str] = mapped_column(ForeignKey("knowledge_bases.id", ondelete="CASCADE"))
+    source: Mapped[str] = mapped_column(String(1000))
+    content_hash: Mapped[str] = mapped_column(String(64))
+    version: Mapped[int] = mapped_column(Integer)
+    media_type: Mapped[str] = mapped_column(String(128))
+    meta: Mapped[Any] = mapped_column(JSON)
+    text: Mapped[str] = mapped_column(Text)
+    chars: Mapped[int] = mapped_column(Integer)
+    chunk_count: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[float] = mapped_column(Float)
+    updated_at: Mapped[float] = mapped_column(Float)
+    updated_by: Mapped[str] = mapped_column(String(200))
+
+
+class KbChunk(Base):
+    """A passage of a document with its character offsets; its id is the index's vector id.
+    The embedding is kept (float32 bytes) so that a new index version re-embeds only what
+    changed; ``embedder`` says which model made it."""
+
+    __tablename__ = "kb_chunks"
+    __table_args__ = (
+        Index("ix_kb_chunks_kb", "kb_id", "document_id", "position"),
+        Index("ix_kb_chunks_document", "document_id"),
+        # An index version's vector ids are chunk ids: a reused id would point a stored
+        # index at another passage, so SQLite must never hand out a deleted id again.
+        {"sqlite_autoincrement": True},
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    kb_id: Mapped[str] = mapped_column(String(32))
+    document_id: Mapped[str] = mapped_column(ForeignKey("kb_documents.id", ondelete="CASCADE"))
+    position: Mapped[int] = mapped_column(Integer)
+    start: Mapped[int] = mapped_column(Integer)
+    end: Mapped[int] = mapped_column(Integer)
+    text: Mapped[str] = mapped_column(Text)
+    headings: Mapped[Any] = mapped_column(JSON)
+    tokens: Mapped[int] = mapped_column(Integer)
+    embedder: Mapped[str | None] = mapped_column(String(300), nullable=True)
+    embedding: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+
+
+class KbIndexVersion(Base):
+    """An immutable index build: which embedder and chunker made it over which documents
+    (source and content hash), and where its vector and BM25 indexes are stored."""
+
+    __tablename__ = "kb_index_versions"
+    __table_args__ = (UniqueConstraint("kb_id", "version", name="uq_kb_index_versions"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    kb_id: Mapped[str] = mapped_column(ForeignKey("knowledge_bases.id", ondelete="CASCADE"))
+    version: Mapped[int] = mapped_column(Integer)
+    embedder: Mapped[str] = mapped_column(String(300))
+    dim: Mapped[int] = mapped_column(Integer)
+    chunker: Mapped[Any] = mapped_column(JSON)
+    # sha256 over the sorted (source, content hash) pairs; the pairs themselves in documents.
+    digest: Mapped[str] = mapped_column(String(64))
+    documents: Mapped[Any] = mapped_column(JSON)
+    chunk_count: Mapped[int] = mapped_column(Integer)
+    vector_kind: Mapped[str] = mapped_column(String(16))
+    artifacts: Mapped[Any] = mapped_column(JSON)
+    created_at: Mapped[float] = mapped_column(Float)
+    created_by: Mapped[str] = mapped_column(String(200))
+
+
+class Pipeline(Base):
+    """A declarative pipeline of a project: its YAML as written and a version counter."""
+
+    __tablename__ = "pipelines"
+    __table_args__ = (UniqueConstraint("project_id", "name", name="uq_pipelines_name"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    project_id: Mapped[str] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(128))
+    description: Mapped[str] = mapped_column(Text, default="")
+    spec: Mapped[str] = mapped_column(Text)
+    version: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[float] = mapped_column(Float)
+    updated_at: Mapped[float] = mapped_column(Float)
+    updated_by: Mapped[str] = mapped_column(String(200))
+

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import socket
 import threading
 import time
@@ -104,6 +105,10 @@ def create_upstream_app() -> Starlette:
                 return JSONResponse({"error": {"message": "try again"}}, status_code=503)
         prompt = _last_user_text(body)
         text = f"echo: {prompt}"
+        if model == "rank-reverse":
+            # A reranker that puts the numbered passages ("[n] ...") in reverse order.
+            count = sum(1 for line in prompt.splitlines() if re.match(r"^\[\d+\]", line))
+            text = json.dumps(list(range(count, 0, -1)))
         if not stream:
             return JSONResponse(_completion(model, text, len(prompt.split())))
         return StreamingResponse(

@@ -69,7 +69,7 @@ def chat_models(svc: Services, user: Principal) -> list[str]:
         name = item["id"]
         route = gateway.routes.routes.get(name)
         if route is not None:
-            if route.prompt_targets:
+            if route.prompt_targets or not route.targets:
                 continue
             first = models.get(route.targets[0].model or "")
             kind = first.kind if first is not None else "chat"

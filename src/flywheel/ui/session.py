@@ -18,7 +18,7 @@ from fastapi.responses import RedirectResponse, Response
 from itsdangerous import BadSignature, URLSafeTimedSerializer
 
 from flywheel.security import AccessError, Permission, Principal
-from flywheel.server.http import services
+from flywheel.server.http import read_form, services
 from flywheel.server.policy import required_permission
 
 COOKIE_NAME = "flywheel_session"
@@ -123,7 +123,8 @@ async def check_csrf(request: Request) -> None:
     expected = csrf_token(request)
     sent = request.headers.get(CSRF_HEADER)
     if sent is None:
-        form = await request.form()
+        # Bounded: a form is read whole (files included) to find the token.
+        form = await read_form(request)
         value = form.get(CSRF_FIELD)
         sent = value if isinstance(value, str) else None
     if not expected or not sent or not hmac.compare_digest(expected, sent):

@@ -10,9 +10,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from flywheel.gateway import CallContext, ChatCompletionRequest, EmbeddingRequest, GatewayError
-from flywheel.security import Principal
-from flywheel.server.http import authorize, limit_subjects, read_json, services
-from flywheel.tracing import parse_traceparent
+from flywheel.server.http import authorize, gateway_context, principal, read_json, services
 
 router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(authorize)])
 TRACE_HEADER = "x-flywheel-trace-id"
@@ -25,20 +23,6 @@ def _body_schema(model: type[ChatCompletionRequest] | type[EmbeddingRequest]) ->
             "content": {"application/json": {"schema": model.model_json_schema()}},
         }
     }
-
-
-async def _context(request: Request) -> CallContext:
-    caller: Principal = request.state.principal
-    ctx = CallContext(
-        api_key_id=caller.key_id,
-        project_id=caller.project_id,
-        allowed_models=caller.allowed_models,
-        limit_subjects=await limit_subjects(services(request), caller),
-    )
-    parent = parse_traceparent(request.headers.get("traceparent"))
-    if parent is not None:
-        ctx.trace_id, ctx.parent_id = parent
-    return ctx
 
 
 @contextmanager
@@ -55,7 +39,7 @@ def _traced_errors(ctx: CallContext) -> Iterator[None]:
 async def chat_completions(request: Request) -> Any:
     """Chat completions, JSON or server-sent events (``"stream": true``)."""
     body = await read_json(request, ChatCompletionRequest)
-    ctx = await _context(request)
+    ctx = await gateway_context(request)
     gateway = services(request).gateway
     headers = {TRACE_HEADER: ctx.trace_id}
     with _traced_errors(ctx):
@@ -73,7 +57,7 @@ async def chat_completions(request: Request) -> Any:
 async def embeddings(request: Request) -> Any:
     """Embeddings of one text or a list of texts."""
     body = await read_json(request, EmbeddingRequest)
-    ctx = await _context(request)
+    ctx = await gateway_context(request)
     with _traced_errors(ctx):
         result = await services(request).gateway.embeddings(body, ctx)
     return JSONResponse(result, headers={TRACE_HEADER: ctx.trace_id})
@@ -82,14 +66,14 @@ async def embeddings(request: Request) -> Any:
 @router.get("/models")
 async def list_models(request: Request) -> Any:
     """Routes and catalog models this key may call as ``model``."""
-    caller: Principal = request.state.principal
+    caller = principal(request)
     models = services(request).gateway.list_models()
     return {"object": "list", "data": [m for m in models if caller.may_call(m["id"])]}
 
 
 @router.get("/models/{model_id:path}")
 async def get_model(model_id: str, request: Request) -> Any:
-    caller: Principal = request.state.principal
+    caller = principal(request)
     for item in services(request).gateway.list_models():
         if item["id"] == model_id and caller.may_call(model_id):
             return item

@@ -1,0 +1,67 @@
+"""The artifact store: files (indexes, adapters, exports) under one root, through fsspec.
+
+The root is a local folder by default (``~/.flywheel/artifacts``) or any fsspec URL
+(``s3://bucket/prefix`` with ``s3fs`` installed), so a deployment changes storage by
+configuration only. Keys are relative posix paths such as ``kb/ID/v3/vectors.faiss``.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import uuid
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+
+class ArtifactStore:
+    """Put, get and delete byte blobs by key under ``root``."""
+
+    def __init__(self, root: str) -> None:
+        self.fs, path = fsspec.core.url_to_fs(root)
+        self.root = path.rstrip("/")
+        if isinstance(self.fs, LocalFileSystem):
+            self.fs.makedirs(self.root, exist_ok=True)
+
+    def _path(self, key: str) -> str:
+        clean = posixpath.normpath(key.strip("/"))
+        if clean in {"", "."} or clean.startswith("../") or clean == "..":
+            raise ValueError(f"invalid artifact key: {key!r}")
+        return f"{self.root}/{clean}"
+
+    def url(self, key: str) -> str:
+        """Where ``key`` lives, as the filesystem names it."""
+        return self.fs.unstrip_protocol(self._path(key))
+
+    def put(self, key: str, data: bytes) -> str:
+        """Store ``data`` at ``key`` (replacing it whole: readers never see a partial file on
+        a local disk) and return its URL."""
+        path = self._path(key)
+        parent = posixpath.dirname(path)
+        if isinstance(self.fs, LocalFileSystem):
+            self.fs.makedirs(parent, exist_ok=True)
+            partial = f"{path}.{uuid.uuid4().hex}.partial"
+            self.fs.pipe_file(partial, data)
+            self.fs.mv(partial, path)
+        else:
+            # Object stores write whole objects atomically already.
+            self.fs.pipe_file(path, data)
+        return self.url(key)
+
+    def get(self, key: str) -> bytes:
+        """The bytes at ``key``; ``FileNotFoundError`` when there are none."""
+        data = self.fs.cat_file(self._path(key))
+        assert isinstance(data, bytes)
+        return data
+
+    def exists(self, key: str) -> bool:
+        return bool(self.fs.exists(self._path(key)))
+
+    def delete(self, prefix: str) -> None:
+        """Remove ``prefix`` and everything under it (nothing when it is absent)."""
+        path = self._path(prefix)
+        if self.fs.exists(path):
+            self.fs.rm(path, recursive=True)
+
+
+__all__ = ["ArtifactStore"]
