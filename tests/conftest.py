@@ -180,6 +180,10 @@ def start_server(
         "FLYWHEEL_MODEL_CACHE": str(MODEL_CACHE),
         "FLYWHEEL_LOG_LEVEL": "warning",
         "HF_HUB_OFFLINE": "1",
+        # The job-system tests' plugin kind, importable by the server and its job processes.
+        "FLYWHEEL_PLUGINS": "tests.plugins.slow_job",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+        "FLYWHEEL_JOB_CONCURRENCY": "2",
         **(extra_env or {}),
     }
     log_path = home / "server.log"

@@ -25,6 +25,7 @@ from flywheel.cli.common import (
     err,
 )
 from flywheel.cli.evals import datasets_app, eval_app, feedback_app
+from flywheel.cli.jobs import jobs_app, models_app, runs_app, step_command, tune_app
 from flywheel.cli.monitor import alerts_app, guards_app, monitor_app
 from flywheel.cli.rag import kb_app, pipelines_app
 
@@ -49,6 +50,12 @@ app.add_typer(guards_app, name="guards")
 app.add_typer(alerts_app, name="alerts")
 app.add_typer(kb_app, name="kb")
 app.add_typer(pipelines_app, name="pipelines")
+app.add_typer(jobs_app, name="jobs")
+app.add_typer(runs_app, name="runs")
+app.add_typer(tune_app, name="tune")
+app.add_typer(models_app, name="models")
+for _step in ("merge", "quantize", "prune"):
+    app.command(_step)(step_command(_step))
 
 
 def _api(url: str, api_key: str | None, path: str, params: dict[str, Any] | None = None) -> Any:

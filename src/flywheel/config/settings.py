@@ -108,6 +108,37 @@ class Settings(BaseSettings):
         default_factory=lambda: ["production"],
         description="Labels that move only through an approved request (JSON list).",
     )
+    jobs_enabled: bool = Field(
+        default=True, description="Run a job supervisor in this server (claims queued jobs)."
+    )
+    job_concurrency: int = Field(
+        default=1, ge=0, le=64, description="Jobs this replica runs at once (0: none)."
+    )
+    job_executor: Literal["local", "ray"] = Field(
+        default="local", description="Where jobs run when a submission names no executor."
+    )
+    job_timeout: float | None = Field(
+        default=None, gt=0, description="Seconds a job may run before it is stopped."
+    )
+    job_memory_limit_mb: int | None = Field(
+        default=None, ge=256, description="Address-space limit of a local job process (MiB)."
+    )
+    job_threads: int | None = Field(
+        default=None, ge=1, description="torch/OpenMP threads of a local job process."
+    )
+    job_nice: int = Field(
+        default=5, ge=0, le=19, description="CPU niceness of job processes (serving first)."
+    )
+    job_orphan_after: float = Field(
+        default=60.0, gt=0, description="A running job silent this long (s) is orphaned."
+    )
+    job_heartbeat: float = Field(default=5.0, gt=0, description="Seconds between beats.")
+    ray_address: str | None = Field(
+        default=None, description="Ray cluster for the 'ray' executor (e.g. 127.0.0.1:6379)."
+    )
+    mlflow_tracking_uri: str | None = Field(
+        default=None, description="Export finished runs to this MLflow tracking URI."
+    )
 
     @property
     def home_dir(self) -> Path:
@@ -124,6 +155,11 @@ class Settings(BaseSettings):
     @property
     def resolved_model_cache(self) -> Path:
         return (self.model_cache or self.home_dir / "models").expanduser().resolve()
+
+    @property
+    def jobs_dir(self) -> Path:
+        """Where job processes keep their work folders."""
+        return self.home_dir / "jobs"
 
     @property
     def resolved_config_file(self) -> Path | None:

@@ -42,7 +42,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal, cast
+from typing import Annotated, Any, Literal
 
 import httpx
 from pydantic import (
@@ -54,7 +54,7 @@ from pydantic import (
     ValidationInfo,
     field_validator,
 )
-from sqlalchemy import CursorResult, select, update
+from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -65,6 +65,7 @@ from flywheel.monitor.metrics import parse_metric, window_metric
 from flywheel.security.audit import AuditLog
 from flywheel.security.secrets import validate_secret_name
 from flywheel.store import Database, Project, StoredSecret
+from flywheel.store.db import changed_rows
 from flywheel.store.models import AlertEvent, AlertRule
 
 log = logging.getLogger("flywheel.monitor.alerts")
@@ -439,10 +440,6 @@ def _describe(rule: _Rule, value: float | None, status: str) -> str:
     return f"{rule.name} resolved: {rule.metric}{where} is {shown} over {window} (not {condition})"
 
 
-def _rowcount(result: Any) -> int:
-    return int(cast(CursorResult[Any], result).rowcount)
-
-
 class AlertEvaluator:
     """Checks every enabled rule and delivers events to webhooks; safe to run on several
     replicas at once. ``reveal_secret(project_id, name)`` returns a secret's value (e.g.
@@ -548,7 +545,7 @@ class AlertEvaluator:
                 .where(AlertRule.id == rule.id)
                 .values(last_value=value, last_checked_at=now)
             )
-            if _rowcount(touched) == 0:
+            if changed_rows(touched) == 0:
                 return None  # deleted since the rules were read
             state, last_fired = session.execute(
                 select(AlertRule.state, AlertRule.last_fired_at).where(AlertRule.id == rule.id)
@@ -581,7 +578,7 @@ class AlertEvaluator:
                     )
                     .values(state="firing", last_fired_at=now)
                 )
-                if _rowcount(fired) != 1:
+                if changed_rows(fired) != 1:
                     return None
                 status, dedup_key = "firing", f"firing:{int(now // max(rule.cooldown, 1))}"
             else:
@@ -660,7 +657,7 @@ class AlertEvaluator:
                     .where(AlertEvent.id == event.id, AlertEvent.attempts == attempts)
                     .values(attempts=attempts + 1)
                 )
-                if _rowcount(taken) != 1:
+                if changed_rows(taken) != 1:
                     continue
                 payload = {
                     "rule": rule.name,

@@ -31,6 +31,7 @@ import httpx
 
 from flywheel.sdk._paths import api_path as _path
 from flywheel.sdk.evals import Datasets, Evals, Feedback
+from flywheel.sdk.jobs import Jobs, Models, Runs
 from flywheel.sdk.monitor import Alerts, Guards, Monitor
 from flywheel.sdk.rag import KnowledgeBases, Pipelines
 
@@ -408,8 +409,8 @@ class Config:
 
 class Client:
     """A Flywheel server: ``prompts``, ``approvals``, ``config``, ``datasets``,
-    ``feedback``, ``evals``, ``monitor``, ``guards``, ``alerts``, ``kbs``, ``pipelines``
-    and ``chat``.
+    ``feedback``, ``evals``, ``monitor``, ``guards``, ``alerts``, ``kbs``, ``pipelines``,
+    ``jobs``, ``runs``, ``models`` and ``chat``.
 
     ``base_url`` defaults to ``FLYWHEEL_BASE_URL`` (else ``http://127.0.0.1:8000``) and
     ``api_key`` to ``FLYWHEEL_API_KEY``. ``project`` picks a project for keys that may act
@@ -451,6 +452,9 @@ class Client:
         self.alerts = Alerts(self)
         self.kbs = KnowledgeBases(self)
         self.pipelines = Pipelines(self)
+        self.jobs = Jobs(self)
+        self.runs = Runs(self)
+        self.models = Models(self)
 
     def __repr__(self) -> str:
         return f"Client(base_url={self.base_url!r})"

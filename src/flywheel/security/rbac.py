@@ -47,6 +47,10 @@ class Permission(StrEnum):
     KB_WRITE = "kb:write"
     PIPELINES_READ = "pipelines:read"
     PIPELINES_WRITE = "pipelines:write"
+    JOBS_READ = "jobs:read"
+    JOBS_WRITE = "jobs:write"
+    MODELS_READ = "models:read"
+    MODELS_WRITE = "models:write"
 
 
 Role = Literal["viewer", "reviewer", "developer", "admin"]
@@ -68,6 +72,8 @@ READ = frozenset(
         P.MONITOR_READ,
         P.KB_READ,
         P.PIPELINES_READ,
+        P.JOBS_READ,
+        P.MODELS_READ,
     }
 )
 ROLE_PERMISSIONS: dict[str, frozenset[Permission]] = {
@@ -86,6 +92,8 @@ ROLE_PERMISSIONS: dict[str, frozenset[Permission]] = {
         P.MONITOR_WRITE,
         P.KB_WRITE,
         P.PIPELINES_WRITE,
+        P.JOBS_WRITE,
+        P.MODELS_WRITE,
     },
     "admin": READ
     | {
@@ -100,6 +108,8 @@ ROLE_PERMISSIONS: dict[str, frozenset[Permission]] = {
         P.MONITOR_WRITE,
         P.KB_WRITE,
         P.PIPELINES_WRITE,
+        P.JOBS_WRITE,
+        P.MODELS_WRITE,
         P.KEYS_MANAGE,
         P.MEMBERS_MANAGE,
         P.SECRETS_MANAGE,

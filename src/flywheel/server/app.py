@@ -25,6 +25,8 @@ from flywheel.server.routers import (
     config,
     datasets,
     evals,
+    jobs,
+    models,
     monitor,
     openai,
     otlp,
@@ -97,6 +99,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(monitor.router)
     app.include_router(monitor.metrics_router)
     app.include_router(rag.router)
+    app.include_router(jobs.router)
+    app.include_router(models.router)
     ui.install(app)
     app.include_router(govern.router)
     app.include_router(ui_prompts.router)

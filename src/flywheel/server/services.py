@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
 from pydantic import SecretStr, ValidationError
 
 from flywheel.config import FlywheelConfig, RouteConfig, Settings, load_config
@@ -29,6 +30,8 @@ from flywheel.gateway import (
     GatewayError,
 )
 from flywheel.gateway.limits import BudgetAlert, Limiter, Limits, Subject, make_limiter
+from flywheel.jobs import JobError, JobStore, JobSupervisor, job_kind, job_kinds, local_launcher
+from flywheel.jobs.supervisor import Launcher
 from flywheel.monitor.alerts import AlertEvaluator, AlertRules
 from flywheel.monitor.drift import DriftMonitor
 from flywheel.monitor.metrics import route_names
@@ -41,7 +44,8 @@ from flywheel.providers import Provider, ProviderRegistry
 from flywheel.rag.knowledge import KnowledgeBases
 from flywheel.rag.search import Retriever
 from flywheel.rag.serving import RagAnswering
-from flywheel.security import AccessService, ApiKeyStore
+from flywheel.registry import ModelRegistry
+from flywheel.security import AccessService, ApiKeyStore, Principal
 from flywheel.security.approvals import ApprovalService
 from flywheel.security.audit import AuditLog
 from flywheel.security.secrets import SecretBox, SecretStore, load_master_key
@@ -56,6 +60,7 @@ from flywheel.tracing.feedback import FeedbackStore
 from flywheel.tracing.metrics import GatewayMetrics
 from flywheel.tracing.otlp import OtlpExporter
 from flywheel.tracing.retention import purge_expired
+from flywheel.tuning.runs import RunTracker
 
 log = logging.getLogger("flywheel.server")
 # Span attributes of calls the server makes on a project's behalf (reranks, embeddings).
@@ -150,6 +155,9 @@ class Services:
     alert_rules: AlertRules
     artifacts: ArtifactStore
     pipelines: PipelineStore
+    jobs: JobStore
+    runs: RunTracker
+    registry: ModelRegistry
     configs: ConfigService = field(init=False)
     kbs: KnowledgeBases = field(init=False)
     retriever: Retriever = field(init=False)
@@ -159,6 +167,7 @@ class Services:
     alerts: AlertEvaluator = field(init=False)
     new_admin_key: str | None = None
     exporter: OtlpExporter | None = None
+    supervisor: JobSupervisor | None = None
     # Failed logins: per account, and (looser, for shared addresses) per client address.
     account_throttle: LoginThrottle = field(default_factory=lambda: LoginThrottle(10))
     address_throttle: LoginThrottle = field(default_factory=lambda: LoginThrottle(50))
@@ -226,9 +235,11 @@ class Services:
             lambda: {(m,): a for m, (a, _) in self.providers.batch_depths().items()},
         )
 
-    def label_version(self, project_id: str, name: str, label: str) -> int | None:
-        """The version a prompt's label points at now, or None."""
+    def label_version(self, project_id: str, kind: str, name: str, label: str) -> int | None:
+        """The version a prompt's label (or a model's alias) points at now, or None."""
         try:
+            if kind == "model":
+                return int(self.registry.version(project_id, name, label)["version"])
             return self.prompts.get(project_id, name, label).version
         except ServiceError:
             return None
@@ -412,6 +423,11 @@ class Services:
         prompts = PromptRegistry(db, audit, settings.approval_labels)
         approvals = ApprovalService(db, audit)
         approvals.register("prompt", prompts)
+        artifacts = ArtifactStore(settings.resolved_artifact_root)
+        registry = ModelRegistry(
+            db, audit, artifacts, settings.resolved_model_cache, settings.approval_labels
+        )
+        approvals.register("model", registry)
 
         def spent(subject: Subject, since: float) -> float:
             return traces.spend_since(subject.kind, subject.id, since)
@@ -466,8 +482,11 @@ class Services:
             exporter=exporter,
             drift=DriftMonitor(db),
             alert_rules=AlertRules(db, audit),
-            artifacts=ArtifactStore(settings.resolved_artifact_root),
+            artifacts=artifacts,
             pipelines=PipelineStore(db, audit),
+            jobs=JobStore(db, audit),
+            runs=RunTracker(db),
+            registry=registry,
         )
 
     def start_background(self) -> None:
@@ -478,6 +497,104 @@ class Services:
         self.online.start()
         self._monitor = asyncio.create_task(self._monitor_loop())
         self._retention = asyncio.create_task(self._retention_loop())
+        if self.settings.jobs_enabled and self.settings.job_concurrency > 0:
+            self.supervisor = JobSupervisor(
+                self.jobs,
+                self.job_launchers(),
+                concurrency=self.settings.job_concurrency,
+                orphan_after=self.settings.job_orphan_after,
+                timeout=self.settings.job_timeout,
+            )
+            self.supervisor.start()
+
+    def serve_model(
+        self,
+        caller: Principal,
+        ref: str,
+        *,
+        route: str,
+        provider: str = "local",
+        weight: float | None = None,
+        replace: bool = False,
+        status: str = "experimental",
+    ) -> dict[str, Any]:
+        """Make a registered version a local-provider target of ``route`` by applying a new
+        config revision (validated, audited, followed by every replica)."""
+        patched = self.registry.serve(
+            caller.project_id,
+            ref,
+            self.config.instance_document(),
+            route=route,
+            provider=provider,
+            weight=weight,
+            replace=replace,
+            status=status,  # type: ignore[arg-type]
+        )
+        document = {key: patched["document"][key] for key in ("models", "routes")}
+        text = yaml.safe_dump(document, sort_keys=False, allow_unicode=True)
+        applied = self.configs.apply(caller, text, f"serve {ref}")
+        return {
+            "served_name": patched["served_name"],
+            "route": route,
+            "version": patched["version"],
+            "revision": applied.get("revision"),
+        }
+
+    def job_launchers(self) -> dict[str, Launcher]:
+        """How this replica starts jobs: local processes, and Ray tasks when a cluster is
+        configured."""
+        settings = self.settings
+        env = {"FLYWHEEL_JOB_NICE": str(settings.job_nice)}
+        if settings.job_memory_limit_mb:
+            env["FLYWHEEL_JOB_MEMORY_LIMIT_MB"] = str(settings.job_memory_limit_mb)
+        if settings.job_threads:
+            threads = str(settings.job_threads)
+            env.update(OMP_NUM_THREADS=threads, FLYWHEEL_LOCAL_THREADS=threads)
+        launchers: dict[str, Launcher] = {"local": local_launcher(settings.jobs_dir, env)}
+        if settings.ray_address:
+            from flywheel.jobs.ray_executor import ray_launcher
+
+            launchers["ray"] = ray_launcher(settings, self.jobs)
+        return launchers
+
+    def submit_job(
+        self,
+        project_id: str,
+        kind_name: str,
+        params: dict[str, Any],
+        actor: str,
+        *,
+        name: str = "",
+        executor: str | None = None,
+        author_id: str | None = None,
+    ) -> dict[str, Any]:
+        """Validate ``params`` for the kind and queue the job on an executor."""
+        kind = job_kind(kind_name)
+        if kind is None:
+            known = ", ".join(sorted(job_kinds()))
+            raise JobError(
+                400, f"Unknown job kind '{kind_name}'; known: {known}.", "invalid_value", "kind"
+            )
+        chosen = executor or self.settings.job_executor
+        if chosen == "ray" and not self.settings.ray_address:
+            raise JobError(
+                400,
+                "The 'ray' executor needs FLYWHEEL_RAY_ADDRESS (a Ray cluster address).",
+                "ray_not_configured",
+                "executor",
+            )
+        job = self.jobs.submit(
+            project_id,
+            kind_name,
+            kind.validate(params),
+            actor,
+            name=name,
+            executor=chosen,
+            author_id=author_id,
+        )
+        if self.supervisor is not None:
+            self.supervisor.wake()
+        return job
 
     async def _monitor_loop(self) -> None:
         """Check alert rules and run the drift checks that are due, every monitor tick."""
@@ -560,6 +677,8 @@ class Services:
 
     async def close(self) -> None:
         """Stop accepting model work, then flush every trace to the database."""
+        if self.supervisor is not None:
+            await self.supervisor.close()
         for task in (self._preload, self._watch, self._monitor, self._retention):
             if task is not None and not task.done():
                 task.cancel()

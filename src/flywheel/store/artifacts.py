@@ -8,7 +8,9 @@ configuration only. Keys are relative posix paths such as ``kb/ID/v3/vectors.fai
 from __future__ import annotations
 
 import posixpath
+import shutil
 import uuid
+from pathlib import Path
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -62,6 +64,47 @@ class ArtifactStore:
         path = self._path(prefix)
         if self.fs.exists(path):
             self.fs.rm(path, recursive=True)
+
+    def put_folder(self, key: str, folder: Path) -> str:
+        """Copy a local folder (model weights, an adapter) to ``key`` and return its URL.
+
+        On a local disk the copy lands in a temporary sibling first and is renamed into place,
+        so a reader never sees half a model; ``key`` must not exist yet.
+        """
+        path = self._path(key)
+        if isinstance(self.fs, LocalFileSystem):
+            partial = Path(f"{path}.{uuid.uuid4().hex}.partial")
+            partial.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                shutil.copytree(folder, partial)
+                partial.rename(path)
+            finally:
+                shutil.rmtree(partial, ignore_errors=True)
+        else:
+            self.fs.put(str(folder).rstrip("/") + "/", path, recursive=True)
+        return self.url(key)
+
+    def local_folder(self, key: str, cache: Path) -> Path:
+        """A local folder holding ``key``'s files: the folder itself on a local disk, else a
+        copy downloaded once into ``cache`` (a model is read by path, never streamed)."""
+        path = self._path(key)
+        if isinstance(self.fs, LocalFileSystem):
+            if not self.fs.isdir(path):
+                raise FileNotFoundError(f"artifact folder {key!r} does not exist")
+            return Path(path)
+        target = Path(cache) / "artifacts" / posixpath.normpath(key.strip("/"))
+        if not target.is_dir():
+            partial = target.with_name(f"{target.name}.{uuid.uuid4().hex}.partial")
+            try:
+                self.fs.get(path.rstrip("/") + "/", str(partial), recursive=True)
+                partial.rename(target)
+            finally:
+                shutil.rmtree(partial, ignore_errors=True)
+        return target
+
+    def size(self, key: str) -> int:
+        """Total bytes stored under ``key`` (a file or a folder)."""
+        return int(self.fs.du(self._path(key), total=True))
 
 
 __all__ = ["ArtifactStore"]

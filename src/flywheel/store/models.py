@@ -662,3 +662,158 @@ class Pipeline(Base):
     updated_at: Mapped[float] = mapped_column(Float)
     updated_by: Mapped[str] = mapped_column(String(200))
 
+
+class Job(Base):
+    """A unit of long work (fine-tune, merge, quantize, batch eval, ingestion) run by an
+    executor outside the request. ``status``: queued, running, succeeded, failed, cancelled,
+    or orphaned (its process vanished without saying how it ended)."""
+
+    __tablename__ = "jobs"
+    __table_args__ = (
+        Index("ix_jobs_project_created", "project_id", "created_at"),
+        Index("ix_jobs_status", "status"),
+    )
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    project_id: Mapped[str] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"))
+    kind: Mapped[str] = mapped_column(String(64))
+    name: Mapped[str] = mapped_column(String(200), default="")
+    params: Mapped[Any] = mapped_column(JSON)
+    executor: Mapped[str] = mapped_column(String(16))
+    status: Mapped[str] = mapped_column(String(16))
+    progress: Mapped[float] = mapped_column(Float, default=0.0)
+    message: Mapped[str] = mapped_column(Text, default="")
+    result: Mapped[Any] = mapped_column(JSON, nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # Set by a cancel from any replica; the worker and its supervisor both watch it.
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    attempt: Mapped[int] = mapped_column(Integer, default=1)
+    retry_of: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    # Who runs it: host name and process id (local) or the Ray task id.
+    host: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    pid: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    created_at: Mapped[float] = mapped_column(Float)
+    created_by: Mapped[str] = mapped_column(String(200))
+    # Who submitted it, as four-eyes checks name people: what it registers is theirs.
+    author_id: Mapped[str] = mapped_column(String(64))
+    started_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    finished_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # Written while the job runs; a running job whose heartbeat stopped lost its process.
+    heartbeat_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class JobLog(Base):
+    """A batch of a job's log lines, in order: kept in the database so that any replica can
+    stream any job's log, whichever machine ran it."""
+
+    __tablename__ = "job_logs"
+    __table_args__ = (Index("ix_job_logs_job", "job_id", "id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    text: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+class Run(Base):
+    """An experiment-tracking run: params, step metrics, system info and artifacts of one
+    training or optimisation step; ``experiment`` groups runs (a sweep's trials)."""
+
+    __tablename__ = "runs"
+    __table_args__ = (Index("ix_runs_project_created", "project_id", "created_at"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    project_id: Mapped[str] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"))
+    job_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    experiment: Mapped[str] = mapped_column(String(200), default="")
+    name: Mapped[str] = mapped_column(String(200))
+    kind: Mapped[str] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(16))
+    params: Mapped[Any] = mapped_column(JSON)
+    # Final values (held-out loss before/after, tokens/s, peak memory, size on disk).
+    summary: Mapped[Any] = mapped_column(JSON)
+    system: Mapped[Any] = mapped_column(JSON)
+    git_commit: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    packages: Mapped[Any] = mapped_column(JSON)
+    # Lineage: "dataset@version" strings and model version ids this run read.
+    inputs: Mapped[Any] = mapped_column(JSON)
+    artifacts: Mapped[Any] = mapped_column(JSON)
+    created_at: Mapped[float] = mapped_column(Float)
+    created_by: Mapped[str] = mapped_column(String(200))
+    finished_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class RunMetric(Base):
+    """One value of one metric at one step of a run (loss, learning rate, tokens/s…)."""
+
+    __tablename__ = "run_metrics"
+    __table_args__ = (Index("ix_run_metrics_run_key", "run_id", "key", "step"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
+    key: Mapped[str] = mapped_column(String(128))
+    step: Mapped[int] = mapped_column(Integer)
+    value: Mapped[float] = mapped_column(Float)
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+class RegisteredModel(Base):
+    """A named model of a project in the registry; its weights live in versions."""
+
+    __tablename__ = "registered_models"
+    __table_args__ = (UniqueConstraint("project_id", "name", name="uq_registered_models_name"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    project_id: Mapped[str] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(128))
+    description: Mapped[str] = mapped_column(Text, default="")
+    license: Mapped[str] = mapped_column(String(200), default="")
+    intended_use: Mapped[str] = mapped_column(Text, default="")
+    limitations: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[float] = mapped_column(Float)
+    created_by: Mapped[str] = mapped_column(String(200))
+
+
+class ModelVersion(Base):
+    """One immutable version of a registered model: base, adapter, merged, quantized or
+    pruned weights at ``uri`` (an HF folder: safetensors, a PEFT adapter, or GGUF), with where
+    it came from (parent version, run, job, dataset) for the lineage graph."""
+
+    __tablename__ = "model_versions"
+    __table_args__ = (UniqueConstraint("model_id", "version", name="uq_model_versions"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    model_id: Mapped[str] = mapped_column(ForeignKey("registered_models.id", ondelete="CASCADE"))
+    version: Mapped[int] = mapped_column(Integer)
+    kind: Mapped[str] = mapped_column(String(16))
+    uri: Mapped[str] = mapped_column(String(1000))
+    format: Mapped[str] = mapped_column(String(32))
+    # The version this one was made from (the base of an adapter, the merge of a quantization).
+    parent_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    run_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    job_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    # "dataset@version" strings it was trained on.
+    datasets: Mapped[Any] = mapped_column(JSON)
+    params: Mapped[Any] = mapped_column(JSON)
+    metrics: Mapped[Any] = mapped_column(JSON)
+    size_bytes: Mapped[int] = mapped_column(Integer, default=0)
+    description: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[float] = mapped_column(Float)
+    created_by: Mapped[str] = mapped_column(String(200))
+    # The person or key behind it (a user's keys and sessions are one identity): four-eyes
+    # approvals compare this, never the display name.
+    author_id: Mapped[str] = mapped_column(String(64))
+
+
+class ModelAlias(Base):
+    """An alias (``production``, ``staging``…) pointing at one version of a model."""
+
+    __tablename__ = "model_aliases"
+    __table_args__ = (UniqueConstraint("model_id", "alias", name="uq_model_aliases"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    model_id: Mapped[str] = mapped_column(ForeignKey("registered_models.id", ondelete="CASCADE"))
+    alias: Mapped[str] = mapped_column(String(64))
+    version_id: Mapped[str] = mapped_column(ForeignKey("model_versions.id", ondelete="CASCADE"))
+    updated_at: Mapped[float] = mapped_column(Float)
+    updated_by: Mapped[str] = mapped_column(String(200))
