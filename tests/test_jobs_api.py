@@ -196,3 +196,16 @@ def test_a_job_whose_server_and_worker_died_is_marked_orphaned(
         retried = api.post(f"/api/jobs/{job['id']}/retry").json()
         api.post(f"/api/jobs/{retried['id']}/cancel")
         assert wait_job(api, retried["id"])["status"] == "cancelled"
+
+
+def test_jobs_and_runs_stay_in_their_project(server: RunningServer, api: httpx.Client) -> None:
+    from tests.test_access import _key_client, _project_with_key
+
+    job = wait_job(api, submit(api, {"steps": 1})["id"])
+    _, key = _project_with_key(server, f"jobs-iso-{secrets.token_hex(3)}")
+    with _key_client(server, key) as other:
+        assert job["id"] not in {j["id"] for j in other.get("/api/jobs").json()["data"]}
+        assert other.get(f"/api/jobs/{job['id']}").status_code == 404
+        assert other.get(f"/api/jobs/{job['id']}/logs").status_code == 404
+        assert other.post(f"/api/jobs/{job['id']}/retry").status_code == 404
+        assert other.get("/api/runs").json()["data"] == []

@@ -111,8 +111,10 @@ def run_job(
         if ctx.cancelled():
             status, error = CANCELLED, None
         else:
-            message = exc.message if isinstance(exc, ServiceError) else str(exc)
-            error = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+            if isinstance(exc, ServiceError):
+                error = exc.message  # already written for the person who submitted the job
+            else:
+                error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             if not isinstance(exc, ServiceError | ValueError):
                 shipper.write(traceback.format_exc())
     finally:

@@ -96,6 +96,8 @@ def sft_records(items: Iterable[Any]) -> list[dict[str, Any]]:
                 )
             if not messages[-1]["content"].strip():
                 raise TuningDataError(f"{where}.messages: the assistant answer is empty")
+            if all(message["role"] == "assistant" for message in messages):
+                raise TuningDataError(f"{where}.messages: no prompt before the answer")
         elif "prompt" in item and "completion" in item:
             prompt = _prompt(item["prompt"], f"{where}.prompt")
             messages = [*prompt, *_answer(item["completion"], f"{where}.completion")]

@@ -171,7 +171,7 @@ async def remove_label(name: str, label: str, request: Request) -> None:
 
 
 class ApprovalIn(_Body):
-    resource_type: Literal["prompt"] = "prompt"
+    resource_type: Literal["prompt", "model"] = "prompt"
     name: str = Field(min_length=1, max_length=200)
     version: int = Field(ge=1, le=MAX_VERSION)
     label: str = Field(default="production", max_length=64)
