@@ -518,6 +518,7 @@ def _chain(db: Database, registry: ModelRegistry, project: str, tmp_path: Path) 
                 status="succeeded",
                 created_at=now,
                 created_by="key:dev",
+                author_id="key:dev",
             )
         )
         session.add(
@@ -848,3 +849,16 @@ def test_serve_a_registered_version(db: Database, registry: ModelRegistry, tmp_p
         registry.serve(project, "bot@3", DOCUMENT, route="bot")
     assert (adapter.value.status_code, adapter.value.code) == (400, "not_servable")
     assert served_name("bot", 12, project_id=DEFAULT_PROJECT_ID) == "bot-v12"
+
+
+def test_the_release_gate_finds_a_models_suites_by_served_name() -> None:
+    from flywheel.evals.release import ReleaseGate
+
+    assert ReleaseGate.target("default", "model", "bot", 3) == "bot-v3"
+    assert ReleaseGate.target("team", "model", "bot", 3) == "team/bot-v3"
+    assert ReleaseGate.target("team", "prompt", "ask", 2) == "prompt:ask@2"
+    assert ReleaseGate._targets("team", "model", "bot", "team/bot-v12")
+    assert not ReleaseGate._targets("team", "model", "bot", "bot-v12")
+    assert not ReleaseGate._targets("default", "model", "bot", "bot-v1x")
+    assert not ReleaseGate._targets("default", "model", "bot", "robot-v1")
+    assert ReleaseGate._targets("default", "prompt", "ask", "prompt:ask@production")

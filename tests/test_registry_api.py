@@ -78,9 +78,7 @@ def test_versions_aliases_card_and_lineage(server: RunningServer, project) -> No
         assert history[0]["label"] == "staging" and history[0]["to_version"] == 2
 
         card = api.get("/api/registry/support-bot/versions/2/card")
-        assert card.status_code == 200 and card.headers["content-type"].startswith(
-            "text/markdown"
-        )
+        assert card.status_code == 200 and card.headers["content-type"].startswith("text/markdown")
         front = yaml.safe_load(card.text.split("---")[1])
         assert front["license"] == "apache-2.0"
         assert "Limitations" in card.text and "not stated" in card.text
@@ -110,12 +108,10 @@ def test_versions_aliases_card_and_lineage(server: RunningServer, project) -> No
 def test_production_alias_needs_an_approval_from_someone_else(
     server: RunningServer, project
 ) -> None:
-    name, key = project
+    _, key = project
     with _key_client(server, key) as api:
         api.post("/api/registry", json={"name": "gated"})
-        api.post(
-            "/api/registry/gated/versions", files=_files(FAKE_BASE), data={"kind": "base"}
-        )
+        api.post("/api/registry/gated/versions", files=_files(FAKE_BASE), data={"kind": "base"})
         direct = api.put("/api/registry/gated/aliases/production", json={"version": 1})
         assert direct.status_code == 409
         assert direct.json()["error"]["code"] == "approval_required"
@@ -138,7 +134,7 @@ def test_production_alias_needs_an_approval_from_someone_else(
 
 
 def test_sdk_and_isolation(server: RunningServer, project, tmp_path: Path) -> None:
-    name, key = project
+    _, key = project
     folder = tmp_path / "weights"
     (folder / "sub").mkdir(parents=True)
     (folder / "config.json").write_text('{"model_type": "llama"}')

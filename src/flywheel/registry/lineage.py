@@ -33,7 +33,7 @@ URLS = {
     "dataset": "/datasets/{name}?{query}",
     "run": "/runs/{id}",
     "job": "/jobs/{id}",
-    "model_version": "/models/{name}?{query}",
+    "model_version": "/registry/{name}/versions/{version}",
     "eval_run": "/evals/runs/{id}",
     "route": "/monitor/{name}",
 }
@@ -106,9 +106,7 @@ class _Builder:
             format=row.format,
             served_name=served_name(model.name, row.version, project_id=self.project_id),
             focus=focus,
-            url=URLS["model_version"].format(
-                name=quote(model.name), query=_version_query(row.version)
-            ),
+            url=URLS["model_version"].format(name=quote(model.name), version=row.version),
         )
 
     def dataset_node(self, ref: str) -> str | None:

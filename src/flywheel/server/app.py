@@ -38,9 +38,11 @@ from flywheel.ui import admin as ui_admin
 from flywheel.ui import datasets as ui_datasets
 from flywheel.ui import evals as ui_evals
 from flywheel.ui import govern
+from flywheel.ui import jobs as ui_jobs
 from flywheel.ui import monitor as ui_monitor
 from flywheel.ui import prompts as ui_prompts
 from flywheel.ui import rag as ui_rag
+from flywheel.ui import registry as ui_registry
 from flywheel.ui import routes as ui
 
 log = logging.getLogger("flywheel.server")
@@ -108,6 +110,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(ui_evals.router)
     app.include_router(ui_monitor.router)
     app.include_router(ui_rag.router)
+    app.include_router(ui_jobs.router)
+    app.include_router(ui_registry.router)
     app.include_router(ui_admin.router)
 
     @app.get("/healthz", tags=["ops"])

@@ -244,6 +244,25 @@ POLICY: dict[tuple[str, str], Permission] = {
     ("POST", "/alerts/rules"): P.MONITOR_WRITE,
     ("POST", "/alerts/rules/{name}/delete"): P.MONITOR_WRITE,
     ("POST", "/alerts/check"): P.MONITOR_WRITE,
+    # Web UI: jobs, experiment tracking and the model registry.
+    ("GET", "/jobs"): P.JOBS_READ,
+    ("POST", "/jobs"): P.JOBS_WRITE,
+    ("GET", "/jobs/{job_id}"): P.JOBS_READ,
+    ("GET", "/jobs/{job_id}/log"): P.JOBS_READ,
+    ("POST", "/jobs/{job_id}/cancel"): P.JOBS_WRITE,
+    ("POST", "/jobs/{job_id}/retry"): P.JOBS_WRITE,
+    ("GET", "/runs"): P.JOBS_READ,
+    ("GET", "/runs/compare"): P.JOBS_READ,
+    ("GET", "/runs/{run_id}"): P.JOBS_READ,
+    ("GET", "/registry"): P.MODELS_READ,
+    ("GET", "/registry/{name}"): P.MODELS_READ,
+    ("POST", "/registry/{name}/aliases"): P.MODELS_WRITE,
+    ("POST", "/registry/{name}/aliases/{alias}/delete"): P.MODELS_WRITE,
+    ("GET", "/registry/{name}/versions/{version}"): P.MODELS_READ,
+    # Merge, quantize and prune are jobs (which register what they make as their author).
+    ("POST", "/registry/{name}/versions/{version}/jobs"): P.JOBS_WRITE,
+    # Serving changes the instance's catalog and routes.
+    ("POST", "/registry/{name}/versions/{version}/serve"): P.CONFIG_WRITE,
     # Web UI: administration.
     ("GET", "/admin/projects"): P.PROJECTS_MANAGE,
     ("POST", "/admin/projects"): P.PROJECTS_MANAGE,

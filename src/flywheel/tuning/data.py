@@ -138,7 +138,9 @@ def dpo_records(items: Iterable[Any]) -> list[dict[str, Any]]:
             meta_key = "meta" if "meta" in item else "metadata"
             meta = item.get(meta_key) or {}
             if not isinstance(meta, Mapping) or meta.get("rejected") is None:
-                raise TuningDataError(f"{where}.{meta_key}.rejected: the rejected answer is missing")
+                raise TuningDataError(
+                    f"{where}.{meta_key}.rejected: the rejected answer is missing"
+                )
             rejected = _answer(meta["rejected"], f"{where}.{meta_key}.rejected")
         else:
             raise TuningDataError(

@@ -33,6 +33,7 @@ class TuningServices(Protocol):
     runs: RunTracker
     settings: Any
     config: Any
+    writer: Any
 
     async def eval_call(
         self, project_id: str, body: dict[str, Any], attributes: dict[str, Any]
@@ -40,7 +41,8 @@ class TuningServices(Protocol):
 
 
 class _Params(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # ``register`` is a param name but also ABCMeta.register: the field takes an alias.
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     timeout: float | None = Field(default=None, gt=0, description="Seconds before it stops.")
 
@@ -54,8 +56,11 @@ class TrainJobParams(_Params):
     )
     dataset: str = Field(pattern=DATASET_REF, description="NAME@VERSION (or NAME: newest).")
     settings: dict[str, Any] = Field(default_factory=dict)
-    register: str | None = Field(
-        default=None, pattern=NAME_PATTERN, description="Register the adapter as this model."
+    register_as: str | None = Field(
+        default=None,
+        alias="register",
+        pattern=NAME_PATTERN,
+        description="Register the result as this model.",
     )
     experiment: str = Field(default="", max_length=200)
     num_workers: int = Field(default=1, ge=1, le=64, description="Ray Train workers.")
@@ -70,7 +75,7 @@ class SweepJobParams(TrainJobParams):
 
 class ModelStepParams(_Params):
     model: str = Field(min_length=1, max_length=300, description="Registry ref NAME@VERSION.")
-    register: str | None = Field(default=None, pattern=NAME_PATTERN)
+    register_as: str | None = Field(default=None, alias="register", pattern=NAME_PATTERN)
     eval_dataset: str | None = Field(
         default=None, pattern=DATASET_REF, description="Held-out set for before/after loss."
     )
@@ -95,7 +100,7 @@ class DistillJobParams(_Params):
     student: str = Field(default="builtin:smollm2", min_length=1, max_length=300)
     dataset: str = Field(pattern=NAME_PATTERN, description="Dataset to write the answers to.")
     settings: dict[str, Any] = Field(default_factory=dict)
-    register: str | None = Field(default=None, pattern=NAME_PATTERN)
+    register_as: str | None = Field(default=None, alias="register", pattern=NAME_PATTERN)
     max_tokens: int = Field(default=256, ge=1, le=4096)
     temperature: float = Field(default=0.0, ge=0, le=2)
 
@@ -109,7 +114,7 @@ class DistillJobParams(_Params):
 
 def _parse(model: type[BaseModel], values: dict[str, Any], prefix: str) -> dict[str, Any]:
     try:
-        return model.model_validate(values).model_dump()
+        return model.model_validate(values).model_dump(by_alias=True)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join([prefix, *(str(part) for part in first["loc"])])
@@ -518,17 +523,20 @@ def _distill(ctx: JobContext) -> dict[str, Any]:
                 {"messages": messages, "expected": text, "metadata": {"teacher": params["teacher"]}}
             )
             ctx.progress(0.5 * (index + 1) / len(items), f"teacher answered {index + 1}")
+        # The teacher's calls are traced like any other; they must land before we go on.
+        await asyncio.to_thread(svc.writer.flush)
 
     asyncio.run(answer_all())
     if ctx.cancelled():
         return {"answered": len(answered)}
-    created = svc.datasets.create_version(
+    created, _ = svc.datasets.create_version(
         ctx.project_id,
         params["dataset"],
         answered,
-        actor=ctx.actor,
+        author=ctx.actor,
         message=f"distilled from {params['teacher']} on "
-        f"{described['dataset']}@{described['version']} by job {ctx.job_id}",
+        f"{described['dataset']}@{described['version']}",
+        source={"kind": "distill", "teacher": params["teacher"], "job": ctx.job_id},
     )
     ref = f"{params['dataset']}@{created['version']}"
     ctx.log(f"teacher answers saved as {ref}")

@@ -72,9 +72,7 @@ def _labelled(tokenizer: Any, record: Any, max_length: int) -> tuple[list[int], 
         prompt = tokenizer.apply_chat_template(
             messages[:-1], add_generation_prompt=True, tokenize=True, return_dict=True
         )["input_ids"]
-        full = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)[
-            "input_ids"
-        ]
+        full = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
         start = 0
         while start < min(len(prompt), len(full)) and prompt[start] == full[start]:
             start += 1
@@ -96,9 +94,7 @@ def eval_loss(
 ) -> float:
     """Mean per-token cross-entropy of ``records`` (assistant answers of conversational
     records, every token of text records); ``nan`` when no record has a token to score."""
-    model = (
-        load_causal_lm(model_or_dir) if isinstance(model_or_dir, str | Path) else model_or_dir
-    )
+    model = load_causal_lm(model_or_dir) if isinstance(model_or_dir, str | Path) else model_or_dir
     if tokenizer is None:
         tokenizer = load_tokenizer(model_or_dir)
     device = _device(model)
@@ -154,9 +150,7 @@ def generation_speed(
 ) -> float:
     """Greedy decoding speed in new tokens per second, one prompt at a time (each prompt
     produces exactly ``max_new_tokens``; a short warm-up run is not counted)."""
-    model = (
-        load_causal_lm(model_or_dir) if isinstance(model_or_dir, str | Path) else model_or_dir
-    )
+    model = load_causal_lm(model_or_dir) if isinstance(model_or_dir, str | Path) else model_or_dir
     if tokenizer is None:
         tokenizer = load_tokenizer(model_or_dir)
     device = _device(model)
