@@ -57,6 +57,8 @@ FORWARDED_ENV = (
     "HF_DATASETS_OFFLINE",
     "TRANSFORMERS_OFFLINE",
 )
+# FLYWHEEL_* variables named like these stay out of the runtime env (an SDK key, say).
+SECRET_WORDS = ("KEY", "SECRET", "TOKEN", "PASSWORD")
 # How often the calling process forwards rank 0's reports (seconds).
 FORWARD_INTERVAL = 0.5
 
@@ -115,7 +117,9 @@ def job_env(settings: Settings) -> dict[str, str]:
     env = {
         key: value
         for key, value in os.environ.items()
-        if key.startswith("FLYWHEEL_") and key.removeprefix("FLYWHEEL_") not in fields
+        if key.startswith("FLYWHEEL_")
+        and key.removeprefix("FLYWHEEL_") not in fields
+        and not any(word in key for word in SECRET_WORDS)
     }
     env.update({key: os.environ[key] for key in FORWARDED_ENV if key in os.environ})
     env["FLYWHEEL_JOB_NICE"] = str(settings.job_nice)
@@ -486,7 +490,14 @@ def train_distributed(
     )
     channel = ReportChannel.remote()  # type: ignore[attr-defined]
     storage = Path(tempfile.mkdtemp(prefix="flywheel-ray-train-"))
-    trainer = TorchTrainer(
+
+    class Trainer(TorchTrainer):
+        def _register_sigint_handler(self, controller: Any) -> None:
+            """Keep the job's own SIGINT handler: Ray Train's would abort the run (and exit
+            the task) where the job's turns a ``ray.cancel`` into a cooperative cancel that
+            stops every rank after the same step."""
+
+    trainer = Trainer(
         _train_worker,
         train_loop_config={
             "method": method,
@@ -516,6 +527,10 @@ def train_distributed(
             trainer.fit()
         except ray.train.TrainingFailedError as exc:
             raise _worker_error(exc) from exc
+        except KeyboardInterrupt as exc:
+            # A non-force ray.cancel of the job's task: the job's handler has recorded the
+            # cancel, and Ray also breaks the wait. The workers go with this task.
+            raise Cancelled("cancelled while training") from exc
         payload = ray.get(channel.payload.remote())
     finally:
         stop.set()
@@ -533,6 +548,7 @@ def train_distributed(
         target = output_dir / name
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(data)
+    reporter.log(f"rank 0's adapter ({len(payload['files'])} files) written to {output_dir}")
     return TrainResult(output_dir=output_dir, **payload["result"])
 
 

@@ -530,7 +530,7 @@ class Services:
             replace=replace,
             status=status,  # type: ignore[arg-type]
         )
-        document = {key: patched["document"][key] for key in ("models", "routes")}
+        document = {key: patched["document"][key] for key in ("providers", "models", "routes")}
         text = yaml.safe_dump(document, sort_keys=False, allow_unicode=True)
         applied = self.configs.apply(caller, text, f"serve {ref}")
         return {

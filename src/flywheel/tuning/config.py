@@ -22,8 +22,8 @@ class LoraSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     rank: int = Field(default=8, ge=1, le=1024, description="Rank r of the update matrices.")
-    alpha: float = Field(
-        default=16, gt=0, le=8192, description="Scaling numerator: updates are scaled by alpha/r."
+    alpha: int = Field(
+        default=16, ge=1, le=8192, description="Scaling numerator: updates are scaled by alpha/r."
     )
     dropout: float = Field(
         default=0.05, ge=0, lt=1, description="Dropout on the adapter's input while training."

@@ -231,7 +231,7 @@ def _parent_ref(svc: TuningServices, project_id: str, base: str) -> str | None:
     if base.startswith("builtin:") or base in {m.name for m in svc.config.models}:
         return None
     version = svc.registry.resolve(project_id, base)
-    return f"{version['model']}@{version['version']}"
+    return str(version["ref"])
 
 
 def _track(
@@ -366,7 +366,7 @@ def _ensure_base(svc: TuningServices, ctx: JobContext, base: str, folder: Path) 
 
 def _sweep(ctx: JobContext) -> dict[str, Any]:
     from flywheel.tuning.data import sft_records, split_records
-    from flywheel.tuning.sweep import apply_overrides, best_trial, sweep_trials
+    from flywheel.tuning.sweep import MedianStopper, apply_overrides, best_trial, sweep_trials
     from flywheel.tuning.train import train_sft
 
     svc: TuningServices = ctx.services()
@@ -378,6 +378,8 @@ def _sweep(ctx: JobContext) -> dict[str, Any]:
         train, held_out = split_records(train, base_settings.eval_fraction, base_settings.seed)
     base_dir, _ = resolve_model_dir(svc, ctx.project_id, params["base"])
     trials = sweep_trials(params["space"], params["strategy"], params["max_trials"], params["seed"])
+    # Early stopping across trials: a trial worse than the finished ones' median stops.
+    stopper = MedianStopper(min_trials=1, grace_steps=1)
     experiment = params.get("experiment") or f"sweep-{ctx.job_id[:8]}"
     results: list[dict[str, Any]] = []
     for index, overrides in enumerate(trials):
@@ -396,7 +398,13 @@ def _sweep(ctx: JobContext) -> dict[str, Any]:
         )
         try:
             result = train_sft(
-                base_dir, train, held_out, settings, ctx.workdir / f"trial-{index}", reporter
+                base_dir,
+                train,
+                held_out,
+                settings,
+                ctx.workdir / f"trial-{index}",
+                reporter,
+                callbacks=[stopper],
             )
         except BaseException as exc:
             _guard_run(svc, run_id, ctx, exc)
@@ -406,7 +414,7 @@ def _sweep(ctx: JobContext) -> dict[str, Any]:
         _finish_run(svc, run_id, ctx, summary)
         results.append({"trial": index, "run_id": run_id, "overrides": overrides, **summary})
         ctx.progress((index + 1) / len(trials), f"trial {index + 1} of {len(trials)}")
-    best = best_trial(results) if results else None
+    best = best_trial(results, metric="eval_loss_after") if results else None
     return {"experiment": experiment, "trials": results, "best": best}
 
 
@@ -416,7 +424,7 @@ def _model_step(ctx: JobContext, step: str) -> dict[str, Any]:
     svc: TuningServices = ctx.services()
     params = ctx.params
     version = svc.registry.resolve(ctx.project_id, params["model"])
-    ref = f"{version['model']}@{version['version']}"
+    ref = version["ref"]
     source = svc.registry.local_path(ctx.project_id, ref)
     eval_records = None
     inputs = [ref]
@@ -467,7 +475,7 @@ def _model_step(ctx: JobContext, step: str) -> dict[str, Any]:
         raise
     summary = {k: v for k, v in result.items() if k != "output_dir"}
     _finish_run(svc, run_id, ctx, summary)
-    name = params.get("register") or version["model"]
+    name = params.get("register") or version["name"]
     made = _register(
         svc,
         ctx,

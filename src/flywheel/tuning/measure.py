@@ -111,9 +111,9 @@ def eval_loss(
             ids = torch.full((len(batch), width), pad, dtype=torch.long)
             labels = torch.full((len(batch), width), -100, dtype=torch.long)
             mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for row, (tokens, targets) in enumerate(batch):
+            for row, (tokens, token_labels) in enumerate(batch):
                 ids[row, : len(tokens)] = torch.tensor(tokens)
-                labels[row, : len(targets)] = torch.tensor(targets)
+                labels[row, : len(token_labels)] = torch.tensor(token_labels)
                 mask[row, : len(tokens)] = 1
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
             shifted = logits[:, :-1].float()

@@ -26,7 +26,13 @@ from flywheel.tuning.report import Cancelled, Reporter
 # Written next to the adapter: how it was trained (merge reads the base's quantization).
 TRAINING_INFO_FILE = "flywheel_training.json"
 # TRL/transformers log keys that describe the logger rather than the training.
-_NOISE_SUFFIXES = ("_runtime", "_per_second", "total_flos", "num_input_tokens_seen", "epoch_float")
+_NOISE_SUFFIXES = (
+    "_runtime",
+    "_per_second",
+    "total_flos",
+    "num_input_tokens_seen",
+    "model_preparation_time",
+)
 
 
 @dataclass
@@ -138,7 +144,7 @@ class ReporterCallback(TrainerCallback):
             self._logged_seconds = self.train_seconds
         if any(key.startswith("eval_") for key in values):
             self.last_eval_step = state.global_step
-            self.last_eval = {k: v for k, v in values.items() if k.startswith("eval_")}
+            self.last_eval = dict(values)
         if not values:
             return
         self.reporter.metrics(state.global_step, values)
@@ -179,13 +185,20 @@ def load_base_for_training(base_dir: Path, settings: TrainSettings) -> Any:
             dtype=torch.float32,
             local_files_only=True,
         )
+        # bitsandbytes 0.50 repacks a 4-bit weight into its CPU inference layout the first time
+        # the layer runs in eval mode without gradients (the before-training evaluation), and
+        # from then on its matmul has no backward: gradients stop flowing through every frozen
+        # layer and only the last layers' adapters learn. Training never wants that layout.
+        for module in model.modules():
+            if hasattr(module, "support_avx512bf16_for_cpu"):
+                setattr(module, "support_avx512bf16_for_cpu", False)  # noqa: B010
         return prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=settings.gradient_checkpointing
         )
-    model = AutoModelForCausalLM.from_pretrained(
+    full: Any = AutoModelForCausalLM.from_pretrained(
         str(base_dir), dtype=torch.float32, local_files_only=True
     )
-    return model.to(device)
+    return full.to(device)
 
 
 def nf4_config(compute_dtype: torch.dtype | None = None) -> Any:
@@ -317,7 +330,7 @@ def _run(
     reporter: Reporter,
     callbacks: Sequence[TrainerCallback],
 ) -> TrainResult:
-    from transformers import EarlyStoppingCallback
+    from transformers import EarlyStoppingCallback, PrinterCallback
 
     if not train:
         raise ValueError("no training records")
@@ -347,6 +360,7 @@ def _run(
             if method == "sft"
             else _dpo_trainer(model, tokenizer, train, eval, settings, arguments, extra)
         )
+        trainer.remove_callback(PrinterCallback)  # the reporter gets the logs, not stdout
         peft_model = trainer.model
         trainable, total = peft_model.get_nb_trainable_parameters()
         reporter.log(
@@ -418,7 +432,11 @@ def _tokenizer(base_dir: Path) -> Any:
 
 def _evaluate(trainer: Any) -> dict[str, float]:
     metrics = trainer.evaluate()
-    return {k: v for k, v in ((k, _number(v)) for k, v in metrics.items()) if v is not None}
+    return {
+        key: number
+        for key, number in ((k, _number(v)) for k, v in metrics.items())
+        if number is not None and not key.endswith(_NOISE_SUFFIXES)
+    }
 
 
 def _sft_trainer(
@@ -458,7 +476,10 @@ def _dpo_trainer(
 
     if not isinstance(settings, DpoSettings):
         raise TypeError("DPO needs DpoSettings")
-    trainer = DPOTrainer(
+    # transformers' length grouping reads an input_ids column; DPO records hold three
+    # (prompt_ids, chosen_ids, rejected_ids), so pairs are shuffled as they are.
+    arguments["train_sampling_strategy"] = "random"
+    trainer: Any = DPOTrainer(
         model=model,
         ref_model=None,  # with a LoRA adapter the reference is the base, adapter disabled
         args=DPOConfig(
