@@ -148,11 +148,6 @@ def test_merged_and_quantized_versions_carry_lineage_and_a_card(server, tuned) -
         assert "guide@1" in card and "bnb-int8" in card
 
 
-@pytest.mark.xfail(
-    reason="issue 8, open: serving a bnb-int8 folder through the local provider is not yet "
-    "verified end to end (the serve call's config revision was fixed last, untested)",
-    strict=False,
-)
 def test_the_quantized_model_serves_through_the_gateway(server, tuned) -> None:
     ref = tuned["quantized"]["result"]["model"]
     name, _, number = ref.partition("@")
