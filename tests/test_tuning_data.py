@@ -10,6 +10,7 @@ import pytest
 from pydantic import ValidationError
 
 from flywheel.datasets.exports import RatedAnswer, dpo_pairs
+from flywheel.datasets.io import normalize_item
 from flywheel.tuning.config import DpoSettings, LoraSettings, TrainSettings
 from flywheel.tuning.data import (
     TuningDataError,
@@ -82,6 +83,27 @@ def test_dpo_records_accept_what_dpo_pairs_exports() -> None:
     }
     # the export's bookkeeping fields (source, trace_ids) are dropped
     assert all(set(record) == {"prompt", "chosen", "rejected"} for record in records)
+
+
+def test_dpo_records_accept_exported_pairs_imported_as_a_dataset() -> None:
+    """``flywheel datasets import prefs feedback-dpo.jsonl`` folds chosen and rejected into
+    metadata; DPO reads them back from there."""
+    prompt = [{"role": "user", "content": "Capital of France?"}]
+    pairs = dpo_pairs([RatedAnswer("t1", prompt, "Lyon.", rating=0.0, correction="Paris.")])
+    items = [normalize_item(pair, f"feedback-dpo.jsonl:{n}") for n, pair in enumerate(pairs, 1)]
+    assert items[0]["expected"] == "Paris."
+    assert items[0]["metadata"] == {
+        "rejected": "Lyon.",
+        "source": "correction",
+        "trace_ids": ["t1"],
+    }
+    assert dpo_records(items) == [
+        {
+            "prompt": prompt,
+            "chosen": [{"role": "assistant", "content": "Paris."}],
+            "rejected": [{"role": "assistant", "content": "Lyon."}],
+        }
+    ]
 
 
 def test_dpo_records_from_text_and_flywheel_items() -> None:

@@ -186,22 +186,40 @@ def _project_of(server: RunningServer, key: str) -> str:
         return api.get("/api/me").json()["project_id"]
 
 
-def test_dpo_runs_on_preference_pairs(server, tuned) -> None:
-    pairs = [
-        {
-            "messages": [{"role": "user", "content": f"Say hello to {city}."}],
-            "expected": f"Hello, {city}! Welcome.",
-            "metadata": {"rejected": f"go away {city}"},
-        }
-        for city in CITIES
-    ]
+def test_dpo_runs_on_exported_feedback_pairs(server, tuned) -> None:
+    """Chat → corrections as feedback → the DPO export → a dataset version → a DPO step."""
     with _key_client(server, tuned["key"]) as api:
-        assert api.post("/api/datasets", json={"name": "prefs", "items": pairs}).is_success
+        trace_ids = []
+        for city in CITIES[:8]:
+            chat = api.post(
+                "/v1/chat/completions",
+                json={"model": "echo", "messages": [{"role": "user", "content": f"Greet {city}."}]},
+            )
+            assert chat.status_code == 200, chat.text
+            trace_ids.append((city, chat.headers["x-flywheel-trace-id"]))
+        for city, trace_id in trace_ids:
+            deadline = time.monotonic() + 10
+            while api.get(f"/api/traces/{trace_id}").status_code != 200:
+                assert time.monotonic() < deadline, trace_id
+                time.sleep(0.05)
+            feedback = api.post(
+                f"/api/traces/{trace_id}/feedback",
+                json={"rating": "down", "correction": f"Hello, {city}! Welcome."},
+            )
+            assert feedback.status_code == 201, feedback.text
+        exported = api.get("/api/feedback/export", params={"format": "dpo"})
+        assert exported.status_code == 200 and len(exported.text.splitlines()) == 8
+        imported = api.post(
+            "/api/datasets/prefs/import",
+            params={"filename": "feedback-dpo.jsonl", "test_fraction": 0},
+            content=exported.content,
+        )
+        assert imported.status_code == 201, imported.text
         dpo = run_job(
             api,
             "tune.dpo",
             {
-                "dataset": "prefs@1",
+                "dataset": f"prefs@{imported.json()['version']}",
                 "base": tuned["merged"]["result"]["model"],
                 "settings": {"max_steps": 3, "batch_size": 4, "max_length": 48},
             },

@@ -25,6 +25,7 @@ from flywheel.cli.common import (
     console,
     err,
 )
+from flywheel.cli.jobs import follow
 
 datasets_app = typer.Typer(help="Versioned datasets (through the server's API).")
 feedback_app = typer.Typer(help="Feedback on traces, exported as training data.")
@@ -244,15 +245,48 @@ def _print_summary(run: dict[str, Any]) -> None:
 def eval_run(
     suite: Annotated[str, typer.Option("--suite", "-s", help="A stored suite's name.")],
     target: Annotated[str | None, typer.Option(help="Override the suite's target.")] = None,
+    background: Annotated[
+        bool,
+        typer.Option("--background", help="Run it as an eval.run job and print the job's id."),
+    ] = False,
+    wait: Annotated[
+        bool, typer.Option("--wait/--no-wait", help="With --background: follow the job.")
+    ] = False,
+    logs: Annotated[
+        bool, typer.Option("--logs/--no-logs", help="With --wait: print the job's log.")
+    ] = False,
     url: UrlOption = DEFAULT_URL,
     api_key: KeyOption = None,
     project: ProjectOption = None,
 ) -> None:
-    """Run a suite, with a progress bar; exit 1 when a threshold fails."""
+    """Run a suite, with a progress bar; exit 1 when a threshold fails. With --background a
+    job runs it (--suite may then be NAME@N: version N of the suite's dataset)."""
     with _client(url, api_key, project) as client:
+        if background:
+            _run_in_background(client, suite, target, wait=wait, logs=logs)
+            return
         run = _run_with_progress(client, suite, target)
     _print_summary(run)
     if not run["summary"]["passed"]:
+        raise typer.Exit(1)
+
+
+def _run_in_background(
+    client: Any, suite: str, target: str | None, *, wait: bool, logs: bool
+) -> None:
+    """Submit an eval.run job; with ``wait``, follow it and print the run's summary (exit 1
+    when the job did not succeed or a threshold fails)."""
+    job = _sdk_call(client.evals.run, suite, target=target, background=True)
+    console.print(f"job {job['id']} queued (eval.run)")
+    if not wait:
+        return
+    final = follow(client, job, logs=logs)
+    result = final.get("result") or {}
+    if result.get("run_id"):
+        run = _sdk_call(client.evals.get, result["run_id"])
+        if run["summary"]:
+            _print_summary(run)
+    if not result.get("passed"):
         raise typer.Exit(1)
 
 

@@ -22,6 +22,7 @@ from flywheel.cli.common import (
     _sdk_call,
     console,
 )
+from flywheel.cli.jobs import follow
 from flywheel.rag.loaders import SUPPORTED_SUFFIXES
 
 kb_app = typer.Typer(help="Knowledge bases: create, ingest files and URLs, search, evaluate.")
@@ -139,6 +140,15 @@ def kb_ingest(
     metadata: Annotated[
         str | None, typer.Option(help='JSON metadata for every document, e.g. {"team": "x"}.')
     ] = None,
+    background: Annotated[
+        bool,
+        typer.Option(
+            "--background", help="Ingest in kb.ingest jobs (one per upload batch); print their ids."
+        ),
+    ] = False,
+    wait: Annotated[
+        bool, typer.Option("--wait/--no-wait", help="With --background: follow the jobs.")
+    ] = False,
     url: UrlOption = DEFAULT_URL,
     api_key: KeyOption = None,
     project: ProjectOption = None,
@@ -150,6 +160,9 @@ def kb_ingest(
     files = _files([Path(p) for p in paths if p not in urls])
     if not files and not urls:
         raise _fail("nothing to ingest: no supported files found")
+    if background:
+        _ingest_in_background(url, api_key, project, name, files, urls, extra, wait=wait)
+        return
     totals: dict[str, list[Any]] = {
         k: [] for k in ("added", "updated", "unchanged", "duplicates", "failed")
     }
@@ -191,6 +204,33 @@ def kb_ingest(
         console.print(f"[red]failed[/red] {failure['source']}: {failure['problem']}")
     for duplicate in totals["duplicates"]:
         console.print(f"duplicate {duplicate['source']} (same text as {duplicate['duplicate_of']})")
+
+
+def _ingest_in_background(
+    url: str,
+    api_key: str | None,
+    project: str | None,
+    name: str,
+    files: list[tuple[str, Path]],
+    urls: list[str],
+    extra: dict[str, Any] | None,
+    *,
+    wait: bool,
+) -> None:
+    """Upload each batch (and the URLs) as a kb.ingest job; the server ingests them one
+    after another. With ``wait``, follow each job to its end (exit 1 when one failed)."""
+    jobs: list[dict[str, Any]] = []
+    with _client(url, api_key, project) as client:
+        for batch in _batches(files):
+            sent = [(source, path.read_bytes()) for source, path in batch]
+            jobs.append(_sdk_call(client.kbs.upload, name, sent, metadata=extra, background=True))
+            console.print(f"job {jobs[-1]['id']} queued (kb.ingest, {len(batch)} file(s))")
+        if urls:
+            jobs.append(_sdk_call(client.kbs.add_urls, name, urls, metadata=extra, background=True))
+            console.print(f"job {jobs[-1]['id']} queued (kb.ingest, {len(urls)} URLs)")
+        if wait:
+            for job in jobs:
+                follow(client, job, logs=False)
 
 
 @kb_app.command("search")

@@ -122,11 +122,13 @@ def normalize_item(raw: Mapping[str, Any], where: str) -> dict[str, Any]:
     ``where`` locates the record in messages, as ``"file:line"`` (a bare name works too).
     Columns: ``messages`` (a list of ``{role, content}``; roles system, user, assistant,
     developer, tool; content text) or ``input``/``prompt``/``question`` as text, which becomes
-    one user message (``input`` may also be a messages list); ``variables`` (an object);
-    ``expected`` or ``expected_output``/``reference``/``answer``/``ideal``/``output``/
+    one user message (``input`` and ``prompt`` may also be a messages list); ``variables``
+    (an object); ``expected`` or ``expected_output``/``reference``/``answer``/``ideal``/``output``/
     ``completion`` (text; any other JSON value is kept as its JSON text); ``context`` or
     ``contexts``/``passages`` (text or a list of texts); ``metadata`` (an object). Null values
-    count as absent; every other column is folded into ``metadata``.
+    count as absent; every other column is folded into ``metadata``. A preference pair
+    (``prompt``, ``chosen``, ``rejected``: TRL's format and the feedback DPO export) takes the
+    chosen answer as ``expected`` and keeps the rejected one as ``metadata["rejected"]``.
 
     Raises:
         DatasetFormatError: wrong type or role, neither messages nor variables, or a value
@@ -380,6 +382,15 @@ def _normalize(raw: Mapping[str, Any], filename: str, line: int | None) -> dict[
     if not isinstance(raw, Mapping):
         raise fail(f"an item must be an object, got {_json_type(raw)}")
     present = {key: value for key, value in raw.items() if value is not None}
+    if (
+        "chosen" in present
+        and "rejected" in present
+        and not any(name in present for name in _EXPECTED_ALIASES)
+    ):
+        # A preference pair (TRL's format, what the feedback DPO export writes): the chosen
+        # answer is the item's expected answer, the rejected one stays in metadata.
+        present["expected"] = _preference_answer(present.pop("chosen"))
+        present["rejected"] = _preference_answer(present["rejected"])
     folded: dict[str, Any] = {}
 
     def pick(aliases: Sequence[str]) -> tuple[str, Any] | None:
@@ -421,15 +432,28 @@ def _normalize(raw: Mapping[str, Any], filename: str, line: int | None) -> dict[
     return item
 
 
+def _preference_answer(value: Any) -> Any:
+    """A preference answer as text when it is one assistant message (or already text)."""
+    if (
+        isinstance(value, list)
+        and len(value) == 1
+        and isinstance(value[0], Mapping)
+        and value[0].get("role") == "assistant"
+        and isinstance(value[0].get("content"), str)
+    ):
+        return value[0]["content"]
+    return value
+
+
 def _messages(picked: tuple[str, Any] | None, fail: _Fail) -> list[dict[str, str]] | None:
     if picked is None:
         return None
     name, value = picked
     if isinstance(value, str) and name != "messages":
         return [{"role": "user", "content": value}]
-    if name not in ("messages", "input") or not isinstance(value, list):
+    if name not in ("messages", "input", "prompt") or not isinstance(value, list):
         expected_shape = "a list of messages" if name == "messages" else "text"
-        if name == "input":
+        if name in ("input", "prompt"):
             expected_shape = "text or a list of messages"
         raise fail(f"{name!r} must be {expected_shape}, got {_json_type(value)}", name)
     if not value:

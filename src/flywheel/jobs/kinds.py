@@ -25,7 +25,7 @@ log = logging.getLogger("flywheel.jobs")
 
 # Modules whose import registers Flywheel's own kinds; imported on first lookup so that core
 # never imports a stage at import time.
-BUILTIN_KIND_MODULES = ("flywheel.tuning.jobs",)
+BUILTIN_KIND_MODULES = ("flywheel.tuning.jobs", "flywheel.evals.jobs", "flywheel.rag.jobs")
 
 
 @dataclass(frozen=True)

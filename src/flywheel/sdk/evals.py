@@ -7,6 +7,7 @@
     candidate = client.evals.run("qa-suite", target="4", wait=True)
     report = client.evals.compare(baseline["id"], candidate["id"])
     assert report["gate"]["passed"]
+    job = client.evals.run("qa-suite", background=True)  # an eval.run job
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 from flywheel.sdk._paths import Transport as _Transport
 from flywheel.sdk._paths import api_path
 from flywheel.sdk._paths import clean as _clean
+from flywheel.sdk.jobs import Jobs
 
 FINISHED = ("completed", "failed", "cancelled")
 _Dicts = list[dict[str, Any]]
@@ -240,13 +242,24 @@ class Evals:
         wait: bool = False,
         timeout: float = 3600,
         on_progress: Callable[[dict[str, Any]], None] | None = None,
+        background: bool = False,
     ) -> dict[str, Any]:
         """Start a run of a stored suite (its name) or an inline one (a dict); ``target``
         overrides the suite's (for a prompt suite, a label or version number is enough).
-        With ``wait``, poll until it finishes, calling ``on_progress`` with each state."""
+        With ``wait``, poll until it finishes, calling ``on_progress`` with each state.
+
+        With ``background``, an ``eval.run`` job runs it in a job worker instead: the job is
+        returned (follow it with ``client.jobs``), or with ``wait`` the job once it ended,
+        whose ``result`` holds the ``run_id`` and the run's ``summary``. A stored suite may
+        then be ``NAME@N``: that suite on version N of its dataset."""
         body: dict[str, Any] = {"suite": suite} if isinstance(suite, str) else {"spec": suite}
         if target is not None:
             body["target"] = target
+        if background:
+            job: dict[str, Any] = self._client._request(
+                "POST", "/api/jobs", json={"kind": "eval.run", "params": body}
+            )
+            return Jobs(self._client).wait(job["id"], timeout=timeout) if wait else job
         run: dict[str, Any] = self._client._request("POST", "/api/evals/runs", json=body)
         return self.wait(run["id"], timeout=timeout, on_progress=on_progress) if wait else run
 

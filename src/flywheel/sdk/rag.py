@@ -2,6 +2,7 @@
 
 client.kbs.create("handbook", settings={"chunker": {"chunk_tokens": 200}})
 client.kbs.upload("handbook", ["docs/intro.md", "docs/faq.pdf"])
+client.kbs.upload("handbook", ["big.pdf"], background=True, wait=True)["result"]  # as a job
 client.kbs.search("handbook", "How do I reset my password?", top_k=3)["hits"]
 client.kbs.evaluate("handbook", items=[{"query": "reset password", "relevant": ["faq.pdf"]}])
 client.pipelines.put("support", open("support.yaml").read())
@@ -19,9 +20,14 @@ from typing import Any, Literal
 from flywheel.sdk._paths import Transport as _Transport
 from flywheel.sdk._paths import api_path
 from flywheel.sdk._paths import clean as _clean
+from flywheel.sdk.jobs import Jobs
 
 _Dicts = list[dict[str, Any]]
 Mode = Literal["dense", "bm25", "hybrid"]
+
+
+def _background(background: bool) -> dict[str, Any] | None:
+    return {"background": "true"} if background else None
 
 
 class KnowledgeBases:
@@ -72,9 +78,16 @@ class KnowledgeBases:
         files: Iterable[str | Path | tuple[str, bytes]],
         *,
         metadata: dict[str, Any] | None = None,
+        background: bool = False,
+        wait: bool = False,
+        timeout: float | None = None,
     ) -> dict[str, Any]:
         """Ingest files: paths, or ``(source name, bytes)`` pairs. Returns what was added,
-        updated, left unchanged, skipped as a duplicate or could not be read."""
+        updated, left unchanged, skipped as a duplicate or could not be read.
+
+        With ``background``, the server stores the files and a ``kb.ingest`` job ingests
+        them: the job is returned, or with ``wait`` the job once it ended (its ``result`` is
+        the report above)."""
         parts = []
         for item in files:
             if isinstance(item, tuple):
@@ -85,10 +98,14 @@ class KnowledgeBases:
             kind = mimetypes.guess_type(source)[0] or "application/octet-stream"
             parts.append(("files", (source, data, kind)))
         form = {"metadata": json.dumps(metadata)} if metadata else None
-        report: dict[str, Any] = self._client._request(
-            "POST", api_path("api", "kbs", name, "documents"), files=parts, data=form
+        answer: dict[str, Any] = self._client._request(
+            "POST",
+            api_path("api", "kbs", name, "documents"),
+            files=parts,
+            data=form,
+            params=_background(background),
         )
-        return report
+        return self._finish(answer, background, wait, timeout)
 
     def add_texts(
         self,
@@ -96,25 +113,47 @@ class KnowledgeBases:
         documents: Sequence[dict[str, Any]],
         *,
         metadata: dict[str, Any] | None = None,
+        background: bool = False,
+        wait: bool = False,
+        timeout: float | None = None,
     ) -> dict[str, Any]:
-        """Ingest texts: ``[{"source": ..., "text": ..., "metadata": {...}}]``."""
-        report: dict[str, Any] = self._client._request(
+        """Ingest texts: ``[{"source": ..., "text": ..., "metadata": {...}}]``
+        (``background``, ``wait``: as for :meth:`upload`)."""
+        answer: dict[str, Any] = self._client._request(
             "POST",
             api_path("api", "kbs", name, "documents"),
             json=_clean({"documents": list(documents), "metadata": metadata}),
+            params=_background(background),
         )
-        return report
+        return self._finish(answer, background, wait, timeout)
 
     def add_urls(
-        self, name: str, urls: Sequence[str], *, metadata: dict[str, Any] | None = None
+        self,
+        name: str,
+        urls: Sequence[str],
+        *,
+        metadata: dict[str, Any] | None = None,
+        background: bool = False,
+        wait: bool = False,
+        timeout: float | None = None,
     ) -> dict[str, Any]:
-        """Fetch and ingest URLs (the server refuses private addresses it does not allow)."""
-        report: dict[str, Any] = self._client._request(
+        """Fetch and ingest URLs (the server refuses private addresses it does not allow);
+        ``background``, ``wait``: as for :meth:`upload`."""
+        answer: dict[str, Any] = self._client._request(
             "POST",
             api_path("api", "kbs", name, "urls"),
             json=_clean({"urls": list(urls), "metadata": metadata}),
+            params=_background(background),
         )
-        return report
+        return self._finish(answer, background, wait, timeout)
+
+    def _finish(
+        self, answer: dict[str, Any], background: bool, wait: bool, timeout: float | None
+    ) -> dict[str, Any]:
+        """The report, the queued job, or (``wait``) that job once it ended."""
+        if background and wait:
+            return Jobs(self._client).wait(answer["id"], timeout=timeout)
+        return answer
 
     def documents(
         self, name: str, *, q: str | None = None, limit: int = 100, offset: int = 0

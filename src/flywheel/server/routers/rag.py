@@ -19,13 +19,10 @@ from flywheel.gateway import GatewayError
 from flywheel.pipelines.spec import PipelineSpecError, parse_pipeline
 from flywheel.rag.evaluate import DEFAULT_KS, evaluate_retrieval
 from flywheel.rag.fetch import FetchError, FetchPolicy, fetch_url
+from flywheel.rag.jobs import KIND as INGEST_KIND
+from flywheel.rag.jobs import Upload, discard_uploads, read_upload, store_uploads
 from flywheel.rag.knowledge import KbError, SearchMode
-from flywheel.rag.loaders import (
-    LoadedDocument,
-    LoaderError,
-    load_upload,
-    supported_media_type,
-)
+from flywheel.rag.loaders import LoadedDocument, LoaderError, supported_media_type
 from flywheel.security import Permission
 from flywheel.server.http import (
     MAX_FORM_FILES,
@@ -167,9 +164,9 @@ async def delete_kb(request: Request, name: str) -> Response:
     return Response(status_code=204)
 
 
-async def _uploaded(request: Request) -> tuple[list[LoadedDocument | LoaderError], Any]:
-    """Documents from a multipart upload (``files``, optional ``metadata`` JSON field) or a
-    JSON body of texts."""
+async def _uploaded(request: Request) -> tuple[list[Upload], Any]:
+    """What was sent, not yet read: the files of a multipart upload (``files``, optional
+    ``metadata`` JSON field) or the texts of a JSON body."""
     svc = services(request)
     content_type = request.headers.get("content-type", "")
     if content_type.startswith("multipart/form-data"):
@@ -183,21 +180,18 @@ async def _uploaded(request: Request) -> tuple[list[LoadedDocument | LoaderError
                 raise GatewayError(
                     400, f"The metadata field is not JSON: {exc}", param="metadata"
                 ) from None
-        documents: list[LoadedDocument | LoaderError] = []
+        files: list[Upload] = []
         for _, value in form.multi_items():
             if isinstance(value, UploadFile):
                 data = await value.read()
-                name = value.filename or "upload"
-                documents.append(
-                    await asyncio.to_thread(load_upload, name, data, value.content_type)
-                )
-        if not documents:
+                files.append(Upload(value.filename or "upload", data, value.content_type))
+        if not files:
             raise GatewayError(
                 400, "The upload holds no files (use the form field 'files').", param="files"
             )
-        return documents, metadata
+        return files, metadata
     payload = await read_json(request, DocumentsIn)
-    texts: list[LoadedDocument | LoaderError] = []
+    texts: list[Upload] = []
     for i, d in enumerate(payload.documents):
         supported = supported_media_type(d.media_type)
         if supported is None:
@@ -207,14 +201,8 @@ async def _uploaded(request: Request) -> tuple[list[LoadedDocument | LoaderError
                 param=f"documents[{i}].media_type",
                 code="invalid_value",
             )
-        # NUL cannot be stored in PostgreSQL text.
         texts.append(
-            LoadedDocument(
-                source=d.source.replace("\x00", ""),
-                text=d.text.replace("\x00", ""),
-                media_type=supported,
-                metadata=d.metadata,
-            )
+            Upload(d.source, d.text.encode(errors="replace"), supported, d.metadata, text=True)
         )
     return texts, payload.metadata
 
@@ -227,27 +215,77 @@ def _metadata(value: Any) -> dict[str, Any] | None:
     return value
 
 
-@router.post("/kbs/{name}/documents")
-async def upload_documents(request: Request, name: str) -> Any:
-    """Ingest uploaded files (multipart, field ``files``, any number) or JSON texts. Files
-    that cannot be read are listed under ``failed``; the others are ingested."""
+async def _can_ingest_in_background(request: Request, name: str) -> None:
+    """A background ingestion is a job: the caller may submit jobs, and the knowledge base
+    exists (checked before anything is stored)."""
     caller = principal(request)
-    documents, metadata = await _uploaded(request)
+    if not caller.can(Permission.JOBS_WRITE):
+        raise forbidden(caller, Permission.JOBS_WRITE)
+    await call_service(services(request).kbs.get, caller.project_id, name)
+
+
+async def _submit_ingest(request: Request, params: dict[str, Any], label: str) -> Any:
+    """Queue a ``kb.ingest`` job as the caller (the job, as ``POST /api/jobs`` answers)."""
+    caller = principal(request)
+    return await call_service(
+        services(request).submit_job,
+        caller.project_id,
+        INGEST_KIND,
+        params,
+        caller.actor,
+        name=label,
+        author_id=caller.identity,
+    )
+
+
+@router.post("/kbs/{name}/documents")
+async def upload_documents(
+    request: Request, response: Response, name: str, background: bool = False
+) -> Any:
+    """Ingest uploaded files (multipart, field ``files``, any number) or JSON texts. Files
+    that cannot be read are listed under ``failed``; the others are ingested. With
+    ``background=true`` they are stored and ingested by a ``kb.ingest`` job: the answer is
+    that job (202), whose result is this report."""
+    caller = principal(request)
+    svc = services(request)
+    if background:
+        await _can_ingest_in_background(request, name)
+    uploads, metadata = await _uploaded(request)
+    extra = _metadata(metadata)
+    if background:
+        entries = await call_service(store_uploads, svc.artifacts, caller.project_id, uploads)
+        params = {"knowledge_base": name, "artifacts": entries, "metadata": extra}
+        try:
+            job = await _submit_ingest(request, params, f"ingest {len(entries)} files into {name}")
+        except GatewayError:
+            keys = [entry["key"] for entry in entries]
+            await asyncio.to_thread(discard_uploads, svc.artifacts, caller.project_id, keys)
+            raise
+        response.status_code = 202
+        return job
+    documents = [await asyncio.to_thread(read_upload, upload) for upload in uploads]
     report = await awaited(
-        services(request).kbs.ingest(
-            caller.project_id, name, documents, actor=caller.actor, metadata=_metadata(metadata)
-        )
+        svc.kbs.ingest(caller.project_id, name, documents, actor=caller.actor, metadata=extra)
     )
     return report.as_dict()
 
 
 @router.post("/kbs/{name}/urls")
-async def ingest_urls(request: Request, name: str) -> Any:
+async def ingest_urls(
+    request: Request, response: Response, name: str, background: bool = False
+) -> Any:
     """Fetch and ingest web pages and files by URL (private addresses are refused unless the
-    server allow-lists them)."""
+    server allow-lists them). With ``background=true`` a ``kb.ingest`` job fetches and
+    ingests them: the answer is that job (202)."""
     body = await read_json(request, UrlsIn)
     caller = principal(request)
     svc = services(request)
+    if background:
+        await _can_ingest_in_background(request, name)
+        params = {"knowledge_base": name, "urls": body.urls, "metadata": body.metadata}
+        job = await _submit_ingest(request, params, f"ingest {len(body.urls)} URLs into {name}")
+        response.status_code = 202
+        return job
     policy = FetchPolicy(allow_hosts=tuple(svc.settings.fetch_allow_hosts))
     documents: list[LoadedDocument | LoaderError] = []
     for url in body.urls:
