@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 VENDOR := src/flywheel/ui/static/vendor/.built
 
-.PHONY: up install assets browser test lint typecheck pytest bench clean
+.PHONY: up install assets browser test lint typecheck pytest pytest-postgres bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,12 +29,14 @@ assets: $(VENDOR)
 
 install: $(STAMP) assets
 
-# Debian's Chromium for the browser test (Playwright drives it; it downloads no browser) and
-# Redis for the shared-limits tests (each test run starts its own server on loopback).
+# Debian's Chromium for the browser test (Playwright drives it; it downloads no browser),
+# Redis for the shared-limits tests and PostgreSQL for the PostgreSQL run (each test run
+# starts its own servers on loopback; see tests/pg.py).
 browser:
-	@command -v chromium >/dev/null 2>&1 && command -v redis-server >/dev/null 2>&1 || { \
+	@command -v chromium >/dev/null 2>&1 && command -v redis-server >/dev/null 2>&1 \
+		&& ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-		--no-install-recommends chromium redis-server; }
+		--no-install-recommends chromium redis-server postgresql; }
 
 up: install
 	$(BIN)/flywheel up
@@ -49,7 +51,23 @@ typecheck: $(STAMP)
 pytest: install browser
 	$(BIN)/pytest
 
-test: lint typecheck pytest
+# The store, gateway and RAG tests again on a real PostgreSQL server (tests/pg.py starts one
+# on loopback from the machine's binaries and removes it afterwards). Files that never touch
+# the database (test_limits, test_rag_index) are left out; test_cli only for its commands
+# that write the local database.
+PG_TESTS := $(addprefix tests/,$(addsuffix .py, \
+	test_audit test_secrets test_trace_writer test_registry test_monitor_alerts \
+	test_gateway_openai test_gateway_faults test_access test_rbac test_traces \
+	test_config_apply test_prompts test_registry_api test_evals_api test_jobs_api \
+	test_rag_api)) \
+	$(addprefix tests/test_cli.py::,test_keys_create_works_on_the_local_database \
+	test_projects_users_and_project_keys_on_the_local_database \
+	test_rotating_the_master_key_keeps_secrets_readable)
+
+pytest-postgres: install browser
+	$(BIN)/pytest --db=postgres $(PG_TESTS)
+
+test: lint typecheck pytest pytest-postgres
 
 bench: install
 	$(BIN)/python bench/gateway_overhead.py

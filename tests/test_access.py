@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
-import sqlite3
 import subprocess
 import sys
 import time
@@ -14,8 +13,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+from sqlalchemy import create_engine, text
 
-from .conftest import RunningServer, wait_for_trace
+from .conftest import RunningServer, copy_database, database_files, wait_for_trace
 
 FLYWHEEL = str(Path(sys.executable).parent / "flywheel")
 CHAT = {"model": "echo", "messages": [{"role": "user", "content": "hello there"}]}
@@ -303,19 +303,19 @@ def test_secrets_are_encrypted_and_never_returned(server: RunningServer) -> None
         assert "provider-key" in audit and value not in audit
         bad = client.put("/api/secrets/bad name", json={"value": "x" * 10})
         assert bad.status_code == 400
-    # Nothing on disk holds the value: database, WAL, logs.
-    for path in server.home.rglob("*"):
-        if path.is_file():
-            assert value.encode() not in path.read_bytes(), f"secret found in {path}"
+    # Nothing on disk holds the value: database, WAL, logs (and PostgreSQL's files).
+    files = [path for path in server.home.rglob("*") if path.is_file()]
+    if not server.database_url.startswith("sqlite"):
+        files += database_files(server.database_url)
+    for path in files:
+        assert value.encode() not in path.read_bytes(), f"secret found in {path}"
 
 
 def test_audit_log_verifies_then_detects_an_edited_row(server: RunningServer, tmp_path) -> None:
     # Something to audit, then a consistent copy of the server's database to tamper with.
     _project_with_key(server, f"audit-{_suffix()}")
-    copy = tmp_path / "copy.db"
-    with sqlite3.connect(server.home / "flywheel.db") as source, sqlite3.connect(copy) as target:
-        source.backup(target)
-    env = {"FLYWHEEL_HOME": str(tmp_path), "FLYWHEEL_DATABASE_URL": f"sqlite:///{copy}"}
+    copy = copy_database(server.database_url, tmp_path)
+    env = {"FLYWHEEL_HOME": str(tmp_path), "FLYWHEEL_DATABASE_URL": copy}
 
     def verify() -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -329,8 +329,10 @@ def test_audit_log_verifies_then_detects_an_edited_row(server: RunningServer, tm
     good = verify()
     assert good.returncode == 0, good.stderr
     assert "intact" in good.stdout
-    with sqlite3.connect(copy) as db:
-        db.execute("UPDATE audit_events SET actor = 'user:mallory' WHERE seq = 2")
+    tamper = create_engine(copy)
+    with tamper.begin() as db:
+        db.execute(text("UPDATE audit_events SET actor = 'user:mallory' WHERE seq = 2"))
+    tamper.dispose()
     bad = verify()
     assert bad.returncode == 1
     assert "entry 2" in bad.stderr and "NOT intact" in bad.stderr

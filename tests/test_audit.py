@@ -1,5 +1,5 @@
-"""The hash-chained audit log on a real database file (SQLite; also PostgreSQL when
-FLYWHEEL_TEST_POSTGRES_URL names a scratch database, whose tables the tests drop)."""
+"""The hash-chained audit log on a real database: a SQLite file, or with ``--db=postgres``
+a fresh database on the test PostgreSQL server (tests/pg.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import hashlib
 import io
 import itertools
 import json
-import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -32,28 +31,13 @@ from flywheel.security.audit import (
 )
 from flywheel.store import AuditEvent, Base, Database, Project
 
-POSTGRES_URL = os.environ.get("FLYWHEEL_TEST_POSTGRES_URL")
-BACKENDS = ["sqlite"] + (["postgresql"] if POSTGRES_URL else [])
 TABLE = Base.metadata.tables["audit_events"]
 
 
-def _fresh_postgres(url: str) -> Database:
-    db = Database(url)
-    with db.engine.begin() as connection:
-        Base.metadata.drop_all(connection)
-        connection.execute(text("DROP TABLE IF EXISTS alembic_version"))
-    db.migrate()
-    return db
-
-
-@pytest.fixture(params=BACKENDS)
-def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
-    if request.param == "postgresql":
-        assert POSTGRES_URL
-        database = _fresh_postgres(POSTGRES_URL)
-    else:
-        database = Database(f"sqlite:///{tmp_path / 'a.db'}")
-        database.migrate()
+@pytest.fixture
+def db(database_url: str) -> Iterator[Database]:
+    database = Database(database_url)
+    database.migrate()
     yield database
     database.dispose()
 

@@ -153,3 +153,66 @@ def test_every_answer_carries_security_headers(server, auth) -> None:
                 assert response.headers["cache-control"] == "no-store"
         page = client.get("/login")
         assert "frame-ancestors 'none'" in page.headers["content-security-policy"]
+
+
+# Bodies that answered 500 until the fuzzing work of issue 9 (tests/test_fuzz_api.py,
+# tests/test_fuzz_parsers.py): valid JSON or YAML that Python's parsers refuse with something
+# other than ValueError (RecursionError, yaml's ReaderError), or that nests deeper than the
+# code after the parser can take.
+DEEP = "[" * 100_000
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        DEEP.encode(),  # json.loads: RecursionError
+        b'{"model": "echo", "messages": ' + b"[" * 200 + b"]" * 200 + b"}",  # parses; too deep
+    ],
+)
+def test_json_nested_too_deep(api: httpx.Client, body: bytes) -> None:
+    response = api.post(
+        "/v1/chat/completions", content=body, headers={"Content-Type": "application/json"}
+    )
+    error = _assert_openai_error(response, 400)
+    assert error["code"] == "invalid_json" and "nested" in error["message"]
+
+
+def test_pipeline_json_nested_too_deep(api: httpx.Client) -> None:
+    response = api.post(
+        "/api/pipelines/validate",
+        content=DEEP.encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    assert _assert_openai_error(response, 400)["code"] == "invalid_json"
+
+
+@pytest.mark.parametrize(
+    ("text", "line"),
+    [
+        ("routes: []\n\x00", 2),  # yaml's ReaderError: a character YAML does not allow
+        (DEEP, 1),  # yaml's parser: RecursionError
+    ],
+)
+def test_config_plan_unparseable_yaml(api: httpx.Client, text: str, line: int) -> None:
+    response = api.post("/api/config/plan", json={"yaml": text})
+    error = _assert_openai_error(response, 400)
+    assert error["code"] == "invalid_config"
+    assert error["message"].startswith(f"flywheel.yaml:{line}: invalid YAML")
+
+
+@pytest.mark.parametrize(
+    ("data", "line"),
+    [
+        (DEEP.encode(), 1),  # json.loads: RecursionError
+        (b'{"input": "x"}\n{"input": "y", "n": ' + b"9" * 5000 + b"}", 2),  # int() digit limit
+        (b'{"input": "x", "metadata": ' + b"[" * 100 + b"]" * 100 + b"}", 1),  # too deep to keep
+    ],
+)
+def test_dataset_import_unusable_json(api: httpx.Client, data: bytes, line: int) -> None:
+    response = api.post(
+        "/api/datasets/fuzzed/import", params={"filename": "items.jsonl"}, content=data
+    )
+    error = _assert_openai_error(response, 400)
+    assert error["code"] == "invalid_dataset"
+    assert error["message"].startswith(f"items.jsonl:{line}: ")
+    assert api.get("/api/datasets/fuzzed").status_code == 404  # nothing was stored

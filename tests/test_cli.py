@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.conftest import database_files, new_database_url
+
 FLYWHEEL = str(Path(sys.executable).parent / "flywheel")
 
 
@@ -62,7 +64,8 @@ def test_routes_table(server) -> None:
 
 
 def test_keys_create_works_on_the_local_database(tmp_path: Path) -> None:
-    env = {**os.environ, "FLYWHEEL_HOME": str(tmp_path)}
+    url = new_database_url(tmp_path)
+    env = {**os.environ, "FLYWHEEL_HOME": str(tmp_path), "FLYWHEEL_DATABASE_URL": url}
     result = subprocess.run(
         [FLYWHEEL, "keys", "create", "--name", "ci"], capture_output=True, text=True, env=env
     )
@@ -73,13 +76,16 @@ def test_keys_create_works_on_the_local_database(tmp_path: Path) -> None:
         [FLYWHEEL, "keys", "list"], capture_output=True, text=True, env={**env, "COLUMNS": "200"}
     )
     assert "ci" in listing.stdout and key not in listing.stdout  # only the prefix is shown
-    assert key.encode() not in (tmp_path / "flywheel.db").read_bytes()  # stored hashed
+    stored = b"".join(path.read_bytes() for path in database_files(url))
+    assert key[:10].encode() in stored  # the scan sees the key's row: its prefix is kept
+    assert key.encode() not in stored  # stored hashed
 
 
 def test_projects_users_and_project_keys_on_the_local_database(tmp_path: Path) -> None:
     env = {
         **os.environ,
         "FLYWHEEL_HOME": str(tmp_path),
+        "FLYWHEEL_DATABASE_URL": new_database_url(tmp_path),
         "FLYWHEEL_NEW_PASSWORD": "a long enough password",
         "COLUMNS": "200",
     }
@@ -162,9 +168,10 @@ def test_rotating_the_master_key_keeps_secrets_readable(tmp_path: Path) -> None:
     from flywheel.security.secrets import SecretBox, SecretStore, load_master_key
     from flywheel.store import Database
 
-    env = {**os.environ, "FLYWHEEL_HOME": str(tmp_path)}
+    url = new_database_url(tmp_path)
+    env = {**os.environ, "FLYWHEEL_HOME": str(tmp_path), "FLYWHEEL_DATABASE_URL": url}
     env.pop("FLYWHEEL_MASTER_KEY", None)
-    db = Database(f"sqlite:///{tmp_path / 'flywheel.db'}")
+    db = Database(url)
     db.migrate()
     old_key = load_master_key(tmp_path, None)
     SecretStore(db, SecretBox(old_key)).set("default", "provider-key", "sk-rotate-me-123456")

@@ -433,16 +433,18 @@ def test_a_run_whose_server_stopped_is_marked_failed(
     server: RunningServer, project: httpx.Client
 ) -> None:
     """A row left 'running' with an old heartbeat (its server died) reads as failed."""
-    import sqlite3
+    from sqlalchemy import create_engine, text
 
     run = wait_run(
         project, project.post("/api/evals/runs", json={"suite": "asks-suite"}).json()["id"]
     )
-    with sqlite3.connect(server.home / "flywheel.db") as db:
+    engine = create_engine(server.database_url)
+    with engine.begin() as db:
         db.execute(
-            "UPDATE eval_runs SET status = 'running', heartbeat_at = 0 WHERE id = ?",
-            (run["id"],),
+            text("UPDATE eval_runs SET status = 'running', heartbeat_at = 0 WHERE id = :id"),
+            {"id": run["id"]},
         )
+    engine.dispose()
     deadline = time.monotonic() + 15
     while True:
         orphan = project.get(f"/api/evals/runs/{run['id']}").json()

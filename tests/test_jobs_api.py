@@ -87,6 +87,11 @@ def test_bad_submissions_are_refused_before_anything_runs(api: httpx.Client) -> 
         ),
         ({"kind": "tune.sft", "params": {"dataset": "bad name!"}}, "params.dataset"),
         ({"kind": "quantize", "params": {"model": "m@1", "method": "int3"}}, "params.method"),
+        # No Ray cluster configured here: more than one training worker is refused up front.
+        (
+            {"kind": "tune.sft", "params": {"dataset": "d@1", "num_workers": 2}},
+            "params.num_workers",
+        ),
     ]
     before = len(api.get("/api/jobs", params={"limit": 1000}).json()["data"])
     for body, param in cases:

@@ -211,7 +211,7 @@ def test_a_timed_out_ray_job_is_stopped_through_ray_cancel(api: httpx.Client) ->
     # No cancel flag for the heartbeat to see: the task stopped because the supervisor's
     # ray.cancel reached the job's code, which then logged its (too late) end.
     assert not done["cancel_requested"]
-    deadline = time.monotonic() + 15
+    deadline = time.monotonic() + 45  # a bound, not a claim: a loaded machine ships it late
     while "job ended: cancelled" not in full_log(api, job["id"]):
         assert time.monotonic() < deadline, full_log(api, job["id"])[-2000:]
         time.sleep(0.2)

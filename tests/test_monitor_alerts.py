@@ -53,8 +53,8 @@ _counter = iter(range(1, 10**9))
 
 
 @pytest.fixture
-def db(tmp_path: Path) -> Iterator[Database]:
-    database = Database(f"sqlite:///{tmp_path}/t.db")
+def db(database_url: str) -> Iterator[Database]:
+    database = Database(database_url)
     database.migrate()
     with database.session() as session:
         session.add(Project(id="other", name="other", description="", created_at=T0))
@@ -531,7 +531,7 @@ def test_two_evaluators_record_and_deliver_each_event_once(
     for name in names:
         rules.put("default", rule_spec(receiver, name=name), "alice")
     add_errors(db, T0 + 10, errors=3)
-    second_db = Database(f"sqlite:///{tmp_path}/t.db")  # another replica's engine
+    second_db = Database(db.url)  # another replica's engine
     try:
         second_rules = AlertRules(second_db, AuditLog(second_db))
         first = AlertEvaluator(db, rules, secrets.reveal)

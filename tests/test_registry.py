@@ -43,11 +43,12 @@ from flywheel.store import (
     Run,
 )
 from flywheel.store.artifacts import ArtifactStore
+from tests.conftest import new_database_url
 
 
 @pytest.fixture(scope="module")
 def db(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Database]:
-    database = Database(f"sqlite:///{tmp_path_factory.mktemp('registry') / 'f.db'}")
+    database = Database(new_database_url(tmp_path_factory.mktemp("registry")))
     database.migrate()
     yield database
     database.dispose()

@@ -33,6 +33,7 @@ from flywheel.security.secrets import (
     load_master_key,
 )
 from flywheel.store import DEFAULT_PROJECT_ID, Database, Project, StoredSecret
+from tests.conftest import database_files
 
 OTHER_PROJECT = "other"
 
@@ -67,13 +68,8 @@ def _set_ciphertext(db: Database, project_id: str, name: str, token: str) -> Non
 
 
 @pytest.fixture
-def db_dir(tmp_path: Path) -> Path:
-    return tmp_path / "db"
-
-
-@pytest.fixture
-def db(db_dir: Path) -> Iterator[Database]:
-    database = Database(f"sqlite:///{db_dir / 'flywheel.db'}")
+def db(database_url: str) -> Iterator[Database]:
+    database = Database(database_url)
     database.migrate()
     _add_project(database, OTHER_PROJECT)
     yield database
@@ -204,16 +200,14 @@ def test_unknown_project_is_refused(store: SecretStore) -> None:
         store.set("nope", "KEY", "some-value-123")
 
 
-def test_database_files_do_not_contain_the_secret(
-    db: Database, db_dir: Path, store: SecretStore
-) -> None:
+def test_database_files_do_not_contain_the_secret(db: Database, store: SecretStore) -> None:
     value = _distinctive_secret()
     name = "DISTINCTIVE_NAME_" + uuid.uuid4().hex[:8]
     store.set(DEFAULT_PROJECT_ID, name, value)
     assert store.reveal(DEFAULT_PROJECT_ID, name) == value
     db.dispose()
 
-    files = [path for path in db_dir.iterdir() if path.is_file()]
+    files = database_files(db.url)
     assert files, "the database folder is empty"
     content = b"".join(path.read_bytes() for path in files)
     # The scan sees the data: the (non-secret) name is stored in the clear.

@@ -43,7 +43,7 @@ def project(server: RunningServer, project_key: str) -> Iterator[httpx.Client]:
         suites = {
             "echo-qa": {"target": "echo", "thresholds": {"exact_match": 0.9}},
             # The upstream's "hang" model answers after a minute: a run that stays in flight.
-            "hanging": {"target": "up-hang", "cache": False},
+            "hanging": {"target": "up-hang", "cache": False, "concurrency": 1},
         }
         for name, extra in suites.items():
             body = {"dataset": "qa", "scorers": ["exact_match", "token_f1"], **extra}
@@ -253,5 +253,5 @@ def test_cli_submits_and_follows_jobs(
         server, "kb", "ingest", "notes", str(doc), "--background", "--wait", key=project_key
     )
     assert ingest.returncode == 0, ingest.stdout + ingest.stderr
-    assert "queued (kb.ingest, 1 file(s))" in ingest.stdout and "succeeded" in ingest.stdout
+    assert "queued (kb.ingest, 1 file)" in ingest.stdout and "succeeded" in ingest.stdout
     assert '"duplicate_of": "release.md"' in ingest.stdout

@@ -27,8 +27,8 @@ def _count(db: Database) -> int:
         return session.scalar(select(func.count()).select_from(SpanRecord)) or 0
 
 
-def test_concurrent_producers_lose_nothing(tmp_path) -> None:
-    db = Database(f"sqlite:///{tmp_path / 'db.sqlite'}")
+def test_concurrent_producers_lose_nothing(database_url: str) -> None:
+    db = Database(database_url)
     db.migrate()
     writer = TraceWriter(db, batch_size=500, flush_seconds=0.05)
 
@@ -46,8 +46,8 @@ def test_concurrent_producers_lose_nothing(tmp_path) -> None:
     assert writer.written == 10_000 and writer.dropped == 0
 
 
-def test_duplicates_do_not_sink_a_batch(tmp_path) -> None:
-    db = Database(f"sqlite:///{tmp_path / 'db.sqlite'}")
+def test_duplicates_do_not_sink_a_batch(database_url: str) -> None:
+    db = Database(database_url)
     db.migrate()
     writer = TraceWriter(db, flush_seconds=0.05)
     twin = _span()
@@ -59,8 +59,8 @@ def test_duplicates_do_not_sink_a_batch(tmp_path) -> None:
     assert _count(db) == 3
 
 
-def test_flush_waits_for_queued_spans(tmp_path) -> None:
-    db = Database(f"sqlite:///{tmp_path / 'db.sqlite'}")
+def test_flush_waits_for_queued_spans(database_url: str) -> None:
+    db = Database(database_url)
     db.migrate()
     writer = TraceWriter(db, flush_seconds=0.5)
     for _ in range(10):

@@ -425,6 +425,33 @@ def test_runs_list_and_run_page(admin_ui: tuple[httpx.Client, str], runs: Runs) 
     assert [p[0] for p in loss["datasets"][0]["points"]] == [1, 2, 3, 4, 5]
 
 
+def test_a_run_exports_to_mlflow_from_its_page_and_the_api(
+    admin_ui: tuple[httpx.Client, str], api: httpx.Client, runs: Runs, server: RunningServer
+) -> None:
+    from mlflow.tracking import MlflowClient
+
+    client, token = admin_ui
+    assert 'id="run-mlflow"' in client.get(f"/runs/{runs.first}").text
+    exported = client.post(f"/runs/{runs.first}/mlflow", data={"csrf_token": token})
+    assert exported.status_code == 303
+    location = exported.headers["location"]
+    mlflow_id = location.split("mlflow=")[1]
+    assert 'id="run-notice"' in client.get(location).text
+
+    store = MlflowClient(tracking_uri=f"sqlite:///{server.home / 'mlflow.db'}")
+    copied = store.get_run(mlflow_id)
+    assert copied.data.tags["flywheel.run_id"] == runs.first
+    assert [p.value for p in store.get_metric_history(mlflow_id, "loss")] == [
+        pytest.approx(2.0 - 0.1 * step) for step in range(1, 6)
+    ]
+    by_api = api.post(f"/api/runs/{runs.second}/mlflow")
+    assert by_api.status_code == 200, by_api.text
+    assert store.get_run(by_api.json()["mlflow_run_id"]).info.run_name == "sft lr 0.001"
+    missing = client.post("/runs/nope/mlflow", data={"csrf_token": token})
+    assert missing.status_code == 404
+    assert api.post("/api/runs/nope/mlflow").status_code == 404
+
+
 def test_compare_marks_differences_and_overlays_curves(
     admin_ui: tuple[httpx.Client, str], runs: Runs
 ) -> None:

@@ -212,7 +212,7 @@ def jobs_work(job_id: str) -> None:
     def services() -> Any:
         from flywheel.server.services import Services
 
-        return Services.build(settings.model_copy(update={"preload_models": False}))
+        return Services.build(settings.model_copy(update={"preload_models": False}), worker=True)
 
     status = run_job(
         store,
@@ -264,6 +264,22 @@ def runs_show(
     """One run as JSON (params, summary, system, packages, metric series)."""
     client = _client(url, api_key, project)
     console.print_json(json.dumps(_sdk_call(client.runs.get, run_id), default=str))
+
+
+@runs_app.command("export-mlflow")
+def runs_export_mlflow(
+    run_id: str,
+    url: UrlOption = DEFAULT_URL,
+    api_key: KeyOption = None,
+    project: ProjectOption = None,
+) -> None:
+    """Copy a run to the MLflow tracking store the server is configured with
+    (FLYWHEEL_MLFLOW_TRACKING_URI)."""
+    client = _client(url, api_key, project)
+    exported = _sdk_call(client.runs.export_mlflow, run_id)
+    console.print(
+        f"exported as MLflow run {exported['mlflow_run_id']} ({exported['tracking_uri']})"
+    )
 
 
 @runs_app.command("compare")

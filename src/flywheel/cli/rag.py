@@ -206,6 +206,10 @@ def kb_ingest(
         console.print(f"duplicate {duplicate['source']} (same text as {duplicate['duplicate_of']})")
 
 
+def _count(items: list[Any], noun: str) -> str:
+    return f"1 {noun}" if len(items) == 1 else f"{len(items)} {noun}s"
+
+
 def _ingest_in_background(
     url: str,
     api_key: str | None,
@@ -224,10 +228,10 @@ def _ingest_in_background(
         for batch in _batches(files):
             sent = [(source, path.read_bytes()) for source, path in batch]
             jobs.append(_sdk_call(client.kbs.upload, name, sent, metadata=extra, background=True))
-            console.print(f"job {jobs[-1]['id']} queued (kb.ingest, {len(batch)} file(s))")
+            console.print(f"job {jobs[-1]['id']} queued (kb.ingest, {_count(batch, 'file')})")
         if urls:
             jobs.append(_sdk_call(client.kbs.add_urls, name, urls, metadata=extra, background=True))
-            console.print(f"job {jobs[-1]['id']} queued (kb.ingest, {len(urls)} URLs)")
+            console.print(f"job {jobs[-1]['id']} queued (kb.ingest, {_count(urls, 'URL')})")
         if wait:
             for job in jobs:
                 follow(client, job, logs=False)

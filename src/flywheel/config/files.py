@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,8 @@ from pydantic import ValidationError
 from flywheel.config.schema import FlywheelConfig
 
 Location = tuple[str | int, ...]
+# What YAML counts as a line break (its marks number lines by these).
+_LINE_BREAK = re.compile("\r\n|[\n\r\x85\u2028\u2029]")
 
 
 class ConfigError(ValueError):
@@ -22,17 +25,53 @@ class ConfigError(ValueError):
         super().__init__("\n".join(problems))
 
 
-def _line_index(node: yaml.Node, path: Location, index: dict[Location, int]) -> None:
+def _line_index(
+    node: yaml.Node,
+    path: Location,
+    index: dict[Location, int],
+    seen: set[int] | None = None,
+) -> None:
     index[path] = node.start_mark.line + 1
+    # An alias is the node it names: indexing it once keeps a document of aliases of
+    # aliases (a "billion laughs") linear, and a recursive alias finite.
+    seen = set() if seen is None else seen
+    if id(node) in seen:
+        return
+    seen.add(id(node))
     if isinstance(node, yaml.MappingNode):
         for key, value in node.value:
+            if not isinstance(key, yaml.ScalarNode):
+                continue  # a complex key: safe_load refuses it as unhashable
             name = key.value
             index[(*path, name)] = key.start_mark.line + 1
-            _line_index(value, (*path, name), index)
+            _line_index(value, (*path, name), index, seen)
             index[(*path, name)] = key.start_mark.line + 1
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
-            _line_index(item, (*path, i), index)
+            _line_index(item, (*path, i), index, seen)
+
+
+def _parse(text: str, filename: str) -> tuple[yaml.Node | None, Any]:
+    """The node tree (for line numbers) and the data of ``text``; a ConfigError naming the
+    line for anything that is not YAML."""
+    try:
+        return yaml.compose(text, Loader=yaml.SafeLoader), yaml.safe_load(text)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark else 1
+        raise ConfigError([f"{filename}:{line}: invalid YAML: {exc.problem or exc}"]) from None
+    except yaml.reader.ReaderError as exc:
+        # A character YAML does not allow (a control character, a lone surrogate).
+        line = len(_LINE_BREAK.split(text[: exc.position]))
+        char = f"U+{exc.character:04X}" if isinstance(exc.character, int) else exc.character
+        raise ConfigError(
+            [f"{filename}:{line}: invalid YAML: character {char} is not allowed"]
+        ) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"{filename}:1: invalid YAML: {exc}"]) from None
+    except RecursionError:
+        # The parser recurses per nesting level; no config nests anywhere near that deep.
+        raise ConfigError([f"{filename}:1: invalid YAML: nested too deeply"]) from None
 
 
 def _line_of(loc: Location, index: dict[Location, int]) -> int:
@@ -55,7 +94,7 @@ def describe_problem(text: str, filename: str, loc: Location, message: str) -> s
     index: dict[Location, int] = {}
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError:
+    except (yaml.YAMLError, RecursionError):
         root = None
     if root is not None:
         _line_index(root, (), index)
@@ -64,13 +103,7 @@ def describe_problem(text: str, filename: str, loc: Location, message: str) -> s
 
 def load_config_text(text: str, filename: str = "flywheel.yaml") -> FlywheelConfig:
     """Parse and validate config text; raise :class:`ConfigError` naming file, line and problem."""
-    try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-        data: Any = yaml.safe_load(text)
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        line = mark.line + 1 if mark else 1
-        raise ConfigError([f"{filename}:{line}: invalid YAML: {exc.problem or exc}"]) from None
+    root, data = _parse(text, filename)
     if data is None:
         data = {}
     if not isinstance(data, dict):

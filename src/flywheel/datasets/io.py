@@ -28,6 +28,9 @@ from typing import Any
 from flywheel.errors import ServiceError
 
 MAX_ITEMS = 100_000
+# Nesting levels an item may have: deeper values would make JSON encoding and decoding
+# (hashing, storage, reading back) exceed Python's recursion limit.
+MAX_DEPTH = 64
 FORMATS = ("jsonl", "csv", "parquet")
 ROLES = ("system", "user", "assistant", "developer", "tool")
 ITEM_KEYS = ("messages", "variables", "expected", "context", "metadata")
@@ -239,6 +242,10 @@ def _jsonl_rows(text: str, filename: str) -> Iterator[tuple[int, Mapping[str, An
             raise DatasetFormatError(
                 f"not valid JSON: {exc.msg} (column {exc.colno})", filename, number
             ) from exc
+        except (ValueError, RecursionError) as exc:
+            raise DatasetFormatError(
+                f"not usable JSON: {_json_problem(exc)}", filename, number
+            ) from None
         if not isinstance(value, dict):
             hint = " (a JSON array file is not JSON Lines)" if isinstance(value, list) else ""
             raise DatasetFormatError(
@@ -308,6 +315,12 @@ def _cell_value(name: str, cell: str, filename: str, line: int) -> Any:
         raise DatasetFormatError(
             f"{name!r} holds invalid JSON: {exc.msg} (column {exc.colno})", filename, line, name
         ) from exc
+    except (ValueError, RecursionError) as exc:
+        if name in _JSON_OR_TEXT_COLUMNS:
+            return cell
+        raise DatasetFormatError(
+            f"{name!r} holds unusable JSON: {_json_problem(exc)}", filename, line, name
+        ) from None
     if name == "input" and not _is_message_list(value):
         return cell
     if name in _CONTEXT_ALIASES and not (
@@ -381,6 +394,9 @@ def _normalize(raw: Mapping[str, Any], filename: str, line: int | None) -> dict[
 
     if not isinstance(raw, Mapping):
         raise fail(f"an item must be an object, got {_json_type(raw)}")
+    deep = _too_deep(raw)
+    if deep is not None:
+        raise fail(f"{deep!r} is nested more than {MAX_DEPTH} levels deep", deep)
     present = {key: value for key, value in raw.items() if value is not None}
     if (
         "chosen" in present
@@ -509,6 +525,27 @@ def _context(picked: tuple[str, Any] | None, fail: _Fail) -> list[str]:
     if isinstance(value, list) and all(isinstance(entry, str) for entry in value):
         return list(value)
     raise fail(f"{name!r} must be text or a list of texts, got {_json_type(value)}", name)
+
+
+def _too_deep(raw: Mapping[str, Any]) -> str | None:
+    """The first column whose value nests deeper than :data:`MAX_DEPTH`, if any."""
+    for name, value in raw.items():
+        stack: list[tuple[Any, int]] = [(value, 1)]
+        while stack:
+            node, depth = stack.pop()
+            if depth > MAX_DEPTH:
+                return str(name)
+            if isinstance(node, Mapping):
+                stack.extend((child, depth + 1) for child in node.values())
+            elif isinstance(node, list | tuple):
+                stack.extend((child, depth + 1) for child in node)
+    return None
+
+
+def _json_problem(exc: ValueError | RecursionError) -> str:
+    # Valid JSON that Python refuses: nesting deeper than the recursion limit, or an integer
+    # longer than int()'s digit limit.
+    return "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
 
 
 def _canonical_json(value: Any) -> str:

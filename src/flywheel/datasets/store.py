@@ -25,6 +25,7 @@ from flywheel.datasets.quality import profile
 from flywheel.errors import ServiceError
 from flywheel.security.audit import AuditLog
 from flywheel.store import Database, Dataset, DatasetItem, DatasetVersion, Feedback, SpanRecord
+from flywheel.store.db import lock_row
 from flywheel.tracing.content import CHAT_KINDS, answer_text, chat_messages
 
 NAME_PATTERN = re.compile(RESOURCE_NAME_PATTERN)
@@ -290,8 +291,11 @@ class DatasetStore:
                 )
                 session.add(dataset)
                 session.flush()
-            elif description is not None:
-                dataset.description = description
+            else:
+                # Concurrent writers queue on the dataset's row for the next number.
+                lock_row(session, Dataset.id, dataset.id)
+                if description is not None:
+                    dataset.description = description
             latest = session.scalar(
                 select(DatasetVersion)
                 .where(DatasetVersion.dataset_id == dataset.id)

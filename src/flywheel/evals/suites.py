@@ -39,7 +39,7 @@ class SuiteSpec(BaseModel):
     name: Annotated[str, Field(pattern=RESOURCE_NAME_PATTERN)]
     description: str = ""
     dataset: Annotated[str, Field(pattern=RESOURCE_NAME_PATTERN)]
-    dataset_version: Annotated[int | None, Field(ge=1)] = None
+    dataset_version: Annotated[int | None, Field(ge=1, le=2**63 - 1)] = None  # a SQL integer
     split: Literal["train", "test"] | None = None
     target: Annotated[str, Field(min_length=1, max_length=256)]
     params: dict[str, Any] = Field(default_factory=lambda: {"temperature": 0, "max_tokens": 256})

@@ -10,6 +10,7 @@ the server and its job processes both import.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import threading
@@ -23,9 +24,17 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("flywheel.jobs")
 
-# Modules whose import registers Flywheel's own kinds; imported on first lookup so that core
-# never imports a stage at import time.
-BUILTIN_KIND_MODULES = ("flywheel.tuning.jobs", "flywheel.evals.jobs", "flywheel.rag.jobs")
+# Flywheel's own kinds and the stage module whose import registers each. Imported on first
+# lookup, so that core never imports a stage at import time, and a job process imports only
+# its own kind's module (not every stage's dependencies).
+BUILTIN_KINDS: dict[str, str] = {
+    **dict.fromkeys(
+        ("tune.sft", "tune.dpo", "tune.sweep", "merge", "quantize", "prune", "distill"),
+        "flywheel.tuning.jobs",
+    ),
+    "eval.run": "flywheel.evals.jobs",
+    "kb.ingest": "flywheel.rag.jobs",
+}
 
 
 @dataclass(frozen=True)
@@ -45,7 +54,7 @@ class JobKind:
 
 
 _KINDS: dict[str, JobKind] = {}
-_loaded = False
+_loaded: set[str] = set()
 _lock = threading.Lock()
 
 
@@ -54,37 +63,45 @@ def register_job_kind(kind: JobKind) -> None:
     _KINDS[kind.name] = kind
 
 
-def _load() -> None:
-    global _loaded
+def _import_once(module: str, *, quiet: bool) -> None:
+    """Import ``module`` (a stage's or a plugin's) unless done already; a plugin that fails
+    to import is logged, not raised, so one broken plugin never hides the others."""
     with _lock:
-        if _loaded:
+        if module in _loaded:
             return
-        _loaded = True
-        import importlib
+        _loaded.add(module)
+    try:
+        importlib.import_module(module)
+    except Exception:
+        if not quiet:
+            raise
+        log.exception("could not import plugin module %s", module)
 
-        for module in BUILTIN_KIND_MODULES:
-            importlib.import_module(module)
-        extra = [m.strip() for m in os.environ.get("FLYWHEEL_PLUGINS", "").split(",")]
-        for module in filter(None, extra):
-            try:
-                importlib.import_module(module)
-            except Exception:
-                log.exception("could not import plugin module %s", module)
-        for entry in entry_points(group="flywheel.job_kinds"):
-            try:
-                entry.load()
-            except Exception:
-                log.exception("could not load job kinds from %s", entry.value)
+
+def _load_plugins() -> None:
+    extra = [m.strip() for m in os.environ.get("FLYWHEEL_PLUGINS", "").split(",")]
+    for module in filter(None, extra):
+        _import_once(module, quiet=True)
+    for entry in entry_points(group="flywheel.job_kinds"):
+        _import_once(entry.module, quiet=True)
 
 
 def job_kinds() -> dict[str, JobKind]:
     """Every registered kind, by name."""
-    _load()
+    for module in dict.fromkeys(BUILTIN_KINDS.values()):
+        _import_once(module, quiet=False)
+    _load_plugins()
     return dict(_KINDS)
 
 
 def job_kind(name: str) -> JobKind | None:
-    _load()
+    """The kind called ``name``, importing only what may define it: its stage's module and
+    the plugins."""
+    if name in BUILTIN_KINDS:
+        _import_once(BUILTIN_KINDS[name], quiet=False)
+    # Plugins load after Flywheel's own kinds, as in job_kinds(), so one that replaces a
+    # built-in kind replaces it in job processes too.
+    _load_plugins()
     return _KINDS.get(name)
 
 

@@ -56,6 +56,10 @@ FORWARDED_ENV = (
     "HF_HUB_OFFLINE",
     "HF_DATASETS_OFFLINE",
     "TRANSFORMERS_OFFLINE",
+    # Where an S3-compatible artifact store is; credentials stay with each node (or its role).
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_DEFAULT_REGION",
 )
 # FLYWHEEL_* variables named like these stay out of the runtime env (an SDK key, say).
 SECRET_WORDS = ("KEY", "SECRET", "TOKEN", "PASSWORD")
@@ -165,7 +169,7 @@ def _job_task(job_id: str, values: dict[str, Any]) -> str:
     def services() -> Any:
         from flywheel.server.services import Services
 
-        return Services.build(settings.model_copy(update={"preload_models": False}))
+        return Services.build(settings.model_copy(update={"preload_models": False}), worker=True)
 
     try:
         return run_job(

@@ -15,9 +15,14 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
+from aiohttp.http_exceptions import LineTooLong
 
 from flywheel.config import CatalogModel, ProviderConfig
 from flywheel.providers.base import ProviderError, parse_retry_after
+
+# The longest stream line (one SSE event) read from an upstream. aiohttp's default, 128 KiB,
+# is less than one big chunk can be (a long answer sent at once, an image as base64).
+MAX_STREAM_LINE = 16 * 1024 * 1024
 
 
 def _error_message(status: int, text: str) -> str:
@@ -28,8 +33,8 @@ def _error_message(status: int, text: str) -> str:
             return str(error["message"])
         if isinstance(error, str):
             return error
-    except ValueError:
-        pass
+    except (ValueError, RecursionError):
+        pass  # not JSON (or nested past the recursion limit): the status says enough
     return f"upstream returned HTTP {status}"
 
 
@@ -95,7 +100,7 @@ class OpenAICompatibleProvider:
             raise self._failure(exc, timeout, "") from exc
         try:
             payload = json.loads(raw)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             raise ProviderError("protocol", f"{self.name}: response is not JSON") from exc
         if not isinstance(payload, dict) or not isinstance(payload.get(list_key), list):
             raise ProviderError("protocol", f"{self.name}: response has no '{list_key}' list")
@@ -119,7 +124,7 @@ class OpenAICompatibleProvider:
                 f"{self.base_url}/chat/completions", json=body, timeout=self._timeout(timeout, True)
             ) as response:
                 await self._raise_for_status(response)
-                async for line in response.content:
+                while line := await response.content.readline(max_line_length=MAX_STREAM_LINE):
                     chunk = self._parse_line(line)
                     if chunk is None:
                         continue
@@ -128,6 +133,11 @@ class OpenAICompatibleProvider:
                     yield chunk  # type: ignore[misc]
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise self._failure(exc, timeout, "mid-stream") from exc
+        except LineTooLong as exc:
+            # A line past MAX_STREAM_LINE: not a stream Flywheel can relay.
+            raise ProviderError(
+                "protocol", f"{self.name}: stream line longer than {MAX_STREAM_LINE} bytes"
+            ) from exc
         raise ProviderError("protocol", f"{self.name}: stream ended before [DONE]")
 
     def _parse_line(self, line: bytes) -> dict[str, Any] | str | None:
@@ -138,7 +148,8 @@ class OpenAICompatibleProvider:
             return "[DONE]"
         try:
             chunk = json.loads(data)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
+            # RecursionError: valid JSON nested deeper than Python decodes.
             raise ProviderError("protocol", f"{self.name}: invalid JSON in stream") from exc
         if not isinstance(chunk, dict):
             raise ProviderError("protocol", f"{self.name}: stream chunk is not an object")

@@ -348,12 +348,14 @@ class KnowledgeBases:
     def documents(
         self, project_id: str, name: str, *, limit: int = 100, offset: int = 0, q: str = ""
     ) -> dict[str, Any]:
-        """A page of documents (source contains ``q`` when given), by source."""
+        """A page of documents (source contains ``q``, ignoring case, when given), by source."""
         with self.db.session() as session:
             kb = self._kb(session, project_id, name)
             query = select(KbDocument).where(KbDocument.kb_id == kb.id)
             if q:
-                query = query.where(KbDocument.source.contains(q, autoescape=True))
+                # icontains: LIKE ignores case on SQLite but not on PostgreSQL; lower() on
+                # both sides makes the two agree.
+                query = query.where(KbDocument.source.icontains(q, autoescape=True))
             total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
             rows = session.scalars(query.order_by(KbDocument.source).limit(limit).offset(offset))
             return {"data": [document_to_dict(d) for d in rows], "total": int(total)}

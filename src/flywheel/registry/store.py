@@ -37,6 +37,7 @@ from flywheel.store import (
     Run,
 )
 from flywheel.store.artifacts import ArtifactStore
+from flywheel.store.db import lock_row
 
 ModelKind = Literal["base", "adapter", "merged", "quantized", "pruned"]
 KINDS: tuple[str, ...] = get_args(ModelKind)
@@ -513,6 +514,8 @@ class ModelRegistry:
     ) -> dict[str, Any]:
         with self.db.session() as session:
             model = self._model(session, project_id, name)
+            # Concurrent registrations queue on the model's row for the next number.
+            lock_row(session, RegisteredModel.id, model.id)
             latest = session.scalar(
                 select(func.max(ModelVersion.version)).where(ModelVersion.model_id == model.id)
             )

@@ -25,11 +25,113 @@ M = TypeVar("M", bound=BaseModel)
 T = TypeVar("T")
 # Files one form may carry (Starlette's own default).
 MAX_FORM_FILES = 1000
+# Nesting levels a JSON body may have; deeper bodies are refused before any code recurses.
+MAX_JSON_DEPTH = 128
+_TOO_DEEP = object()
+# SQL integers are 64-bit: an id, version or offset past this matches nothing, and binding it
+# to a query fails (OverflowError), so the parameters that reach SQL stop here with a 400.
+MAX_SQL_INT = 2**63 - 1
 
 
 def services(request: Request) -> Services:
     svc: Services = request.app.state.services
     return svc
+
+
+class ErrorDetail(BaseModel):
+    """The fields of an OpenAI-style error."""
+
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorBody(BaseModel):
+    """The body of every refusal: ``{"error": {message, type, param, code}}``."""
+
+    error: ErrorDetail
+
+
+# Every 4xx of the API carries the OpenAI error body; documented once per router so the
+# OpenAPI spec (and schemathesis, which checks answers against it) knows every status the
+# routes answer with. "4XX" also replaces FastAPI's default 422, which Flywheel never sends
+# for validation (it answers 400 naming the parameter).
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    "4XX": {"model": ErrorBody, "description": "Refused: an OpenAI-style error body."}
+}
+# Routes that call upstream models also answer 502 (the upstream failed or broke protocol)
+# and 504 (it timed out), by design.
+UPSTREAM_RESPONSES: dict[int | str, dict[str, Any]] = {
+    502: {"model": ErrorBody, "description": "Every upstream target failed."},
+    504: {"model": ErrorBody, "description": "The upstream timed out."},
+}
+
+
+def file_response(description: str, *media_types: str) -> dict[int | str, dict[str, Any]]:
+    """``responses`` documenting a 200 that is a file of ``media_types``, not JSON."""
+    return {200: {"description": description, "content": {media: {} for media in media_types}}}
+
+
+def request_body(content: dict[str, Any], *, required: bool = True) -> dict[str, Any]:
+    """``openapi_extra`` documenting a body the handler reads itself (FastAPI cannot see it):
+    ``content`` maps media types to their schemas."""
+    return {
+        "requestBody": {
+            "required": required,
+            "content": {media: {"schema": schema} for media, schema in content.items()},
+        }
+    }
+
+
+def model_schema(model: type[BaseModel], omit: Sequence[str] = ()) -> dict[str, Any]:
+    """``model``'s JSON schema, less the fields in ``omit`` (those the URL gives), nested
+    models inlined: pydantic's ``#/$defs/...`` references would point into the spec's root."""
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+    for name in omit:
+        schema.get("properties", {}).pop(name, None)
+        if name in schema.get("required", ()):
+            schema["required"] = [field for field in schema["required"] if field != name]
+    inlined: dict[str, Any] = _inline_refs(schema, defs, ())
+    return inlined
+
+
+def json_body(
+    model: type[BaseModel], *, required: bool = True, omit: Sequence[str] = ()
+) -> dict[str, Any]:
+    """``openapi_extra`` documenting a JSON body read with :func:`read_json`."""
+    return request_body({"application/json": model_schema(model, omit)}, required=required)
+
+
+BINARY: dict[str, Any] = {"type": "string", "format": "binary"}
+
+
+def raw_body(media_types: Sequence[str]) -> dict[str, Any]:
+    """``openapi_extra`` documenting a raw body (a file) of the given media types."""
+    return request_body(dict.fromkeys(media_types, BINARY))
+
+
+def form_schema(fields: Sequence[str]) -> dict[str, Any]:
+    """A multipart upload's schema: text ``fields`` and any number of ``files``."""
+    properties: dict[str, Any] = {name: {"type": "string"} for name in fields}
+    properties["files"] = {"type": "array", "items": BINARY}
+    return {"type": "object", "properties": properties, "required": ["files"]}
+
+
+def _inline_refs(node: Any, defs: dict[str, Any], stack: tuple[str, ...]) -> Any:
+    if isinstance(node, dict):
+        ref = node.get("$ref")
+        if isinstance(ref, str) and ref.startswith("#/$defs/"):
+            name = ref.removeprefix("#/$defs/")
+            # A recursive model documents its inner levels as any value.
+            target = {} if name in stack else _inline_refs(defs[name], defs, (*stack, name))
+            rest = {k: _inline_refs(v, defs, stack) for k, v in node.items() if k != "$ref"}
+            return {**target, **rest}
+        return {key: _inline_refs(value, defs, stack) for key, value in node.items()}
+    if isinstance(node, list):
+        return [_inline_refs(item, defs, stack) for item in node]
+    return node
 
 
 def validation_error(errors: Sequence[Any]) -> GatewayError:
@@ -77,6 +179,41 @@ async def read_form(
     return await request.form(max_files=max_files, max_fields=100)
 
 
+def json_loads(text: bytes | str) -> Any:
+    """``json.loads``, refusing (``ValueError``) JSON nested more than MAX_JSON_DEPTH levels:
+    code further on (validation, tracing, storage, reading back) recurses per level, and
+    ``json.loads`` itself raises RecursionError, not ValueError, past Python's limit."""
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        value = _TOO_DEEP
+    if value is _TOO_DEEP or _too_deep(text, value):
+        raise ValueError(f"JSON nested more than {MAX_JSON_DEPTH} levels deep")
+    return value
+
+
+def _too_deep(text: bytes | str, data: Any) -> bool:
+    # Only a text with more brackets than the limit can be too deep: a C-speed count
+    # spares the gateway's small bodies the walk.
+    brackets = (
+        text.count(b"[") + text.count(b"{")
+        if isinstance(text, bytes)
+        else text.count("[") + text.count("{")
+    )
+    if brackets <= MAX_JSON_DEPTH:
+        return False
+    level: list[tuple[Any, int]] = [(data, 1)]
+    while level:
+        value, depth = level.pop()
+        if depth > MAX_JSON_DEPTH:
+            return True
+        if isinstance(value, dict):
+            level.extend((item, depth + 1) for item in value.values())
+        elif isinstance(value, list):
+            level.extend((item, depth + 1) for item in value)
+    return False
+
+
 async def read_json(request: Request, model: type[M], *, optional: bool = False) -> M:
     """Parse and validate a JSON body, refusing bodies over the configured size; with
     ``optional``, an empty body means ``{}``."""
@@ -84,7 +221,7 @@ async def read_json(request: Request, model: type[M], *, optional: bool = False)
     if optional and not body.strip():
         body = b"{}"
     try:
-        data: Any = json.loads(body)
+        data: Any = json_loads(body)
     except ValueError as exc:
         raise GatewayError(
             400, f"We could not parse the JSON body of your request: {exc}", code="invalid_json"

@@ -250,6 +250,7 @@ POLICY: dict[tuple[str, str], Permission] = {
     ("GET", "/jobs/{job_id}"): P.JOBS_READ,
     ("GET", "/jobs/{job_id}/log"): P.JOBS_READ,
     ("POST", "/jobs/{job_id}/cancel"): P.JOBS_WRITE,
+    ("POST", "/runs/{run_id}/mlflow"): P.JOBS_WRITE,
     ("POST", "/jobs/{job_id}/retry"): P.JOBS_WRITE,
     ("GET", "/runs"): P.JOBS_READ,
     ("GET", "/runs/compare"): P.JOBS_READ,

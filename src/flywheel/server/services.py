@@ -99,13 +99,17 @@ def _with_stored_provider_keys(config: FlywheelConfig, store: SecretStore) -> Fl
     return config.model_copy(update={"providers": providers})
 
 
-def _startup_config(settings: Settings, revisions: ConfigRevisions) -> tuple[FlywheelConfig, int]:
+def _startup_config(
+    settings: Settings, revisions: ConfigRevisions, *, stored_first: bool = False
+) -> tuple[FlywheelConfig, int]:
     """The config to start with: a config file, when there is one, is applied (as a new
     revision if it differs); otherwise the newest stored revision runs, or on a fresh home
-    the built-in defaults."""
+    the built-in defaults. ``stored_first`` (job workers) takes the newest stored revision
+    even when there is a file: a worker must never re-apply the file over changes made
+    since the server started."""
     path = settings.resolved_config_file
     latest = revisions.latest()
-    if path is None and latest is not None:
+    if (path is None or stored_first) and latest is not None:
         return FlywheelConfig.model_validate(latest[1]), latest[0]
     config = load_config(path)
     revision, created = revisions.save(
@@ -383,14 +387,17 @@ class Services:
         log.info("config revision %d is running", revision)
 
     @classmethod
-    def build(cls, settings: Settings) -> Services:
-        """Open the database (migrating it), make sure an admin key exists, load the config."""
+    def build(cls, settings: Settings, *, worker: bool = False) -> Services:
+        """Open the database (migrating it), make sure an admin key exists, load the config.
+
+        ``worker`` builds them for a job process: it runs the newest stored config revision
+        rather than applying the config file."""
         home = settings.home_dir
         home.mkdir(parents=True, exist_ok=True)
         db = Database(settings.resolved_database_url)
         db.migrate()
         revisions = ConfigRevisions(db)
-        config, revision = _startup_config(settings, revisions)
+        config, revision = _startup_config(settings, revisions, stored_first=worker)
         keys = ApiKeyStore(db)
         audit = AuditLog(db)
         master_key = settings.master_key.get_secret_value() if settings.master_key else None

@@ -10,7 +10,7 @@ from typing import Any, cast
 
 from alembic import command
 from alembic.config import Config as AlembicConfig
-from sqlalchemy import CursorResult, Engine, create_engine, event
+from sqlalchemy import CursorResult, Engine, create_engine, event, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -61,6 +61,24 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+def lock_row(session: Session, column: Any, value: Any) -> None:
+    """Hold the rows where ``column == value`` locked until the transaction ends, so writers
+    that read and then write under them (e.g. "the next version number") queue instead of
+    racing, and racers that all read the same number do not fail in lockstep until their
+    retries run out.
+
+    A no-op UPDATE (``column = column``) locks on both backends: PostgreSQL takes the
+    rows' locks, and SQLite, which has no row locks, takes its database write lock (a
+    SELECT ... FOR UPDATE would lock nothing there)."""
+    table = column.class_
+    session.execute(
+        update(table)
+        .where(column == value)
+        .values({column.key: column})
+        .execution_options(synchronize_session=False)
+    )
 
 
 def changed_rows(result: Any) -> int:

@@ -15,6 +15,7 @@ from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from flywheel.config import get_settings
 from flywheel.errors import ServiceError
 from flywheel.jobs.context import JobContext
 from flywheel.jobs.kinds import JobKind, register_job_kind
@@ -64,6 +65,17 @@ class TrainJobParams(_Params):
     )
     experiment: str = Field(default="", max_length=200)
     num_workers: int = Field(default=1, ge=1, le=64, description="Ray Train workers.")
+
+    @field_validator("num_workers")
+    @classmethod
+    def _needs_ray(cls, value: int) -> int:
+        # Refused at submission rather than failing minutes later in the worker.
+        if value > 1 and not get_settings().ray_address:
+            raise ValueError(
+                "more than one worker trains through Ray Train: set FLYWHEEL_RAY_ADDRESS to "
+                "a Ray cluster (and FLYWHEEL_JOB_EXECUTOR=ray to run the job there too)"
+            )
+        return value
 
 
 class SweepJobParams(TrainJobParams):

@@ -250,6 +250,19 @@ class RunTracker:
             "metrics": {run["id"]: run["metrics"] for run in runs},
         }
 
+    def export_mlflow(
+        self, project_id: str, run_id: str, tracking_uri: str | None
+    ) -> dict[str, Any]:
+        """Copy the run to MLflow at ``tracking_uri`` (the ``mlflow_tracking_uri`` setting);
+        400 when none is configured or mlflow is not installed, 404 for an unknown run."""
+        if not tracking_uri:
+            raise RunError(
+                400, "Set FLYWHEEL_MLFLOW_TRACKING_URI to export runs.", "mlflow_not_configured"
+            )
+        run = self.get(project_id, run_id)
+        mlflow_id = export_to_mlflow(run, tracking_uri)
+        return {"run_id": run_id, "mlflow_run_id": mlflow_id, "tracking_uri": tracking_uri}
+
     def delete(self, project_id: str, run_id: str) -> None:
         self._row(project_id, run_id)
         with self.db.session() as session:

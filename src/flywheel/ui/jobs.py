@@ -762,10 +762,33 @@ def compare_page(request: Request, user: Principal = Depends(ui_authorize)) -> R
     return render(request, "runs_compare.html", context, status_code=status)
 
 
+@router.post("/runs/{run_id}/mlflow")
+async def export_run_to_mlflow(
+    request: Request, run_id: str, user: Principal = Depends(ui_authorize)
+) -> Response:
+    """Copy the run to the configured MLflow tracking store and show where it went."""
+    svc = services(request)
+    try:
+        exported = await run_in_threadpool(
+            svc.runs.export_mlflow, user.project_id, run_id, svc.settings.mlflow_tracking_uri
+        )
+    except ServiceError as exc:
+        return _run_page(request, run_id, user, error=exc.message, status_code=exc.status_code)
+    return RedirectResponse(
+        f"{run_url(run_id)}?mlflow={quote(exported['mlflow_run_id'], safe='')}", status_code=303
+    )
+
+
 @router.get("/runs/{run_id}")
 def run_page(request: Request, run_id: str, user: Principal = Depends(ui_authorize)) -> Response:
     """A run: its params, summary, inputs and artifacts, the system it ran on, the package
     versions and git commit, and a chart of every metric it logged."""
+    return _run_page(request, run_id, user)
+
+
+def _run_page(
+    request: Request, run_id: str, user: Principal, error: str | None = None, status_code: int = 200
+) -> Response:
     svc = services(request)
     try:
         run = svc.runs.get(user.project_id, run_id)
@@ -798,5 +821,8 @@ def run_page(request: Request, run_id: str, user: Principal = Depends(ui_authori
         ],
         "charts": charts,
         "more_metrics": max(0, len(keys) - MAX_CHARTS),
+        "mlflow_configured": bool(svc.settings.mlflow_tracking_uri),
+        "mlflow_run_id": request.query_params.get("mlflow"),
+        "error": error,
     }
-    return render(request, "run.html", context)
+    return render(request, "run.html", context, status_code=status_code)

@@ -21,15 +21,21 @@ from flywheel.security.audit import to_dict as audit_to_dict
 from flywheel.security.keys import key_to_dict
 from flywheel.security.rbac import Role, Scope
 from flywheel.server.http import (
+    ERROR_RESPONSES,
+    MAX_SQL_INT,
     authorize,
     call_service,
+    file_response,
+    json_body,
     principal,
     read_json,
     service_error,
     services,
 )
 
-router = APIRouter(prefix="/api", tags=["access"], dependencies=[Depends(authorize)])
+router = APIRouter(
+    prefix="/api", tags=["access"], dependencies=[Depends(authorize)], responses=ERROR_RESPONSES
+)
 
 
 class _Body(BaseModel):
@@ -80,7 +86,7 @@ async def list_projects(request: Request) -> Any:
     return {"data": [project_to_dict(p) for p in projects]}
 
 
-@router.post("/projects", status_code=201)
+@router.post("/projects", status_code=201, openapi_extra=json_body(ProjectIn))
 async def create_project(request: Request) -> Any:
     """Create a project (instance admins)."""
     body = await read_json(request, ProjectIn)
@@ -106,7 +112,7 @@ async def get_project(project_id: str, request: Request) -> Any:
     return project_to_dict(await call_service(services(request).access.get_project, project_id))
 
 
-@router.patch("/projects/{project_id}")
+@router.patch("/projects/{project_id}", openapi_extra=json_body(ProjectPatch))
 async def update_project(project_id: str, request: Request) -> Any:
     """Change a project's limits and budget, description or trace retention (instance
     admins)."""
@@ -149,7 +155,7 @@ async def list_users(request: Request) -> Any:
     return {"data": [user_to_dict(u) for u in users]}
 
 
-@router.post("/users", status_code=201)
+@router.post("/users", status_code=201, openapi_extra=json_body(UserIn))
 async def create_user(request: Request) -> Any:
     """Create a user who logs in to the UI with a password (stored as argon2)."""
     body = await read_json(request, UserIn)
@@ -163,7 +169,7 @@ async def create_user(request: Request) -> Any:
     return user_to_dict(user)
 
 
-@router.patch("/users/{user_id}")
+@router.patch("/users/{user_id}", openapi_extra=json_body(UserPatch))
 async def update_user(user_id: str, request: Request) -> Any:
     """Set a user's password, or disable / enable the user."""
     body = await read_json(request, UserPatch)
@@ -190,7 +196,7 @@ async def list_members(request: Request) -> Any:
     return {"data": members}
 
 
-@router.put("/members/{user_id}")
+@router.put("/members/{user_id}", openapi_extra=json_body(MemberIn))
 async def set_member(user_id: str, request: Request) -> Any:
     """Give a user (id or username) a role in the caller's project."""
     body = await read_json(request, MemberIn)
@@ -234,7 +240,7 @@ async def list_keys(request: Request) -> Any:
     return {"data": [key_to_dict(k) for k in keys]}
 
 
-@router.post("/keys", status_code=201)
+@router.post("/keys", status_code=201, openapi_extra=json_body(KeyIn))
 async def create_key(request: Request) -> Any:
     """Create a key in the caller's project. The response holds the key; it is not stored."""
     body = await read_json(request, KeyIn)
@@ -295,7 +301,7 @@ async def list_secrets(request: Request) -> Any:
     return {"data": [info.to_dict() for info in infos]}
 
 
-@router.put("/secrets/{name}")
+@router.put("/secrets/{name}", openapi_extra=json_body(SecretIn))
 async def set_secret(name: str, request: Request) -> Any:
     """Store (or replace) a secret, encrypted with the master key."""
     body = await read_json(request, SecretIn)
@@ -331,7 +337,7 @@ async def list_audit(
     actor: str | None = None,
     since: float | None = None,
     until: float | None = None,
-    before_seq: int | None = None,
+    before_seq: int | None = Query(default=None, ge=0, le=MAX_SQL_INT),
     limit: int = Query(default=100, ge=1, le=1000),
     all_projects: bool = Query(default=False, description="Instance admins: every project."),
 ) -> Any:
@@ -349,7 +355,10 @@ async def list_audit(
     return {"data": [audit_to_dict(e) for e in events]}
 
 
-@router.get("/audit/export")
+@router.get(
+    "/audit/export",
+    responses=file_response("JSON lines or CSV.", "application/x-ndjson", "text/csv"),
+)
 def export_audit(
     request: Request,
     format: Literal["jsonl", "csv"] = "jsonl",

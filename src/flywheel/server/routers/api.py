@@ -13,11 +13,20 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from flywheel.gateway import GatewayError
-from flywheel.server.http import authorize, principal, read_json, services
+from flywheel.server.http import (
+    ERROR_RESPONSES,
+    authorize,
+    json_body,
+    principal,
+    read_json,
+    services,
+)
 from flywheel.tracing import TraceFilter
 from flywheel.tracing.queries import span_to_dict
 
-router = APIRouter(prefix="/api", tags=["flywheel"], dependencies=[Depends(authorize)])
+router = APIRouter(
+    prefix="/api", tags=["flywheel"], dependencies=[Depends(authorize)], responses=ERROR_RESPONSES
+)
 
 
 @router.get("/traces")
@@ -84,7 +93,7 @@ class SpanBatch(BaseModel):
     spans: list[SpanIn] = Field(max_length=10_000)
 
 
-@router.post("/spans", status_code=202)
+@router.post("/spans", status_code=202, openapi_extra=json_body(SpanBatch))
 async def ingest_spans(request: Request) -> Any:
     """Record spans from the SDK (``@flywheel.trace``, ``flywheel.span``)."""
     batch = await read_json(request, SpanBatch)

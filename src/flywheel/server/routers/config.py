@@ -8,9 +8,23 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from flywheel.server.http import authorize, call_service, principal, read_json, services
+from flywheel.server.http import (
+    ERROR_RESPONSES,
+    authorize,
+    call_service,
+    file_response,
+    json_body,
+    principal,
+    read_json,
+    services,
+)
 
-router = APIRouter(prefix="/api/config", tags=["config"], dependencies=[Depends(authorize)])
+router = APIRouter(
+    prefix="/api/config",
+    tags=["config"],
+    dependencies=[Depends(authorize)],
+    responses=ERROR_RESPONSES,
+)
 
 
 class ConfigIn(BaseModel):
@@ -23,7 +37,7 @@ class ConfigIn(BaseModel):
     )
 
 
-@router.get("/export")
+@router.get("/export", responses=file_response("flywheel.yaml", "application/yaml"))
 async def export_config(request: Request) -> Response:
     """The running providers, models and routes, and this project's prompts, as YAML."""
     svc = services(request)
@@ -31,7 +45,7 @@ async def export_config(request: Request) -> Response:
     return Response(text, media_type="application/yaml")
 
 
-@router.post("/plan")
+@router.post("/plan", openapi_extra=json_body(ConfigIn))
 async def plan_config(request: Request) -> Any:
     """What applying the file would create, update or leave unchanged (changes nothing)."""
     body = await read_json(request, ConfigIn)
@@ -40,7 +54,7 @@ async def plan_config(request: Request) -> Any:
     return {"changes": [c.to_dict() for c in changes]}
 
 
-@router.post("/apply")
+@router.post("/apply", openapi_extra=json_body(ConfigIn))
 async def apply_config(request: Request) -> Any:
     """Apply the file idempotently; returns the plan it carried out, the config revision and
     the approval requests it opened for protected labels."""

@@ -9,16 +9,21 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from flywheel.datasets.exports import dpo_pairs, rated_answers, sft_examples
 from flywheel.datasets.io import read_items, write_jsonl
 from flywheel.datasets.store import TraceSelection, plain_item
 from flywheel.server.http import (
+    ERROR_RESPONSES,
+    MAX_SQL_INT,
     authorize,
     call_service,
+    file_response,
+    json_body,
     principal,
+    raw_body,
     read_body,
     read_json,
     services,
@@ -26,7 +31,9 @@ from flywheel.server.http import (
 from flywheel.tracing.feedback import DEFAULT_QUEUE
 from flywheel.tracing.queries import TraceFilter
 
-router = APIRouter(prefix="/api", tags=["datasets"], dependencies=[Depends(authorize)])
+router = APIRouter(
+    prefix="/api", tags=["datasets"], dependencies=[Depends(authorize)], responses=ERROR_RESPONSES
+)
 JSONL = "application/jsonl"
 
 
@@ -96,7 +103,7 @@ async def list_datasets(request: Request) -> Any:
     }
 
 
-@router.post("/datasets", status_code=201)
+@router.post("/datasets", status_code=201, openapi_extra=json_body(DatasetIn))
 async def create_dataset_version(request: Request, response: Response) -> Any:
     """A new version from items in the body (no new version when nothing changed: 200)."""
     body = await read_json(request, DatasetIn)
@@ -117,7 +124,11 @@ async def create_dataset_version(request: Request, response: Response) -> Any:
     return {**view, "created": created}
 
 
-@router.post("/datasets/{name}/import", status_code=201)
+@router.post(
+    "/datasets/{name}/import",
+    status_code=201,
+    openapi_extra=raw_body(["application/octet-stream", "application/jsonl", "text/csv"]),
+)
 async def import_dataset(
     request: Request,
     response: Response,
@@ -148,7 +159,11 @@ async def import_dataset(
     return {**view, "created": created}
 
 
-@router.post("/datasets/{name}/from-traces", status_code=201)
+@router.post(
+    "/datasets/{name}/from-traces",
+    status_code=201,
+    openapi_extra=json_body(FromTracesIn, required=False),
+)
 async def dataset_from_traces(request: Request, response: Response, name: str) -> Any:
     """A new version from the project's chat traces that match a filter (route, time
     window, feedback rating or correction, guard flag)."""
@@ -173,7 +188,7 @@ async def dataset_from_traces(request: Request, response: Response, name: str) -
 
 @router.get("/datasets/{name}")
 async def get_dataset(
-    request: Request, name: str, version: int | None = Query(default=None, ge=1)
+    request: Request, name: str, version: int | None = Query(default=None, ge=1, le=MAX_SQL_INT)
 ) -> Any:
     """One version (the newest by default) and the list of all versions."""
     svc = services(request)
@@ -186,9 +201,9 @@ async def get_dataset(
 async def dataset_items(
     request: Request,
     name: str,
-    version: int | None = Query(default=None, ge=1),
+    version: int | None = Query(default=None, ge=1, le=MAX_SQL_INT),
     split: Literal["train", "test"] | None = None,
-    offset: int = Query(default=0, ge=0),
+    offset: int = Query(default=0, ge=0, le=MAX_SQL_INT),
     limit: int = Query(default=100, ge=1, le=1000),
 ) -> Any:
     """A page of a version's items, in order."""
@@ -204,11 +219,11 @@ async def dataset_items(
     return {"version": described, "data": items}
 
 
-@router.get("/datasets/{name}/export")
+@router.get("/datasets/{name}/export", responses=file_response("JSON Lines.", JSONL))
 async def export_dataset(
     request: Request,
     name: str,
-    version: int | None = Query(default=None, ge=1),
+    version: int | None = Query(default=None, ge=1, le=MAX_SQL_INT),
     split: Literal["train", "test"] | None = None,
 ) -> Response:
     """A version's items as JSONL (the shape the import reads)."""
@@ -223,7 +238,7 @@ async def export_dataset(
 
 @router.get("/datasets/{name}/profile")
 async def profile_dataset(
-    request: Request, name: str, version: int | None = Query(default=None, ge=1)
+    request: Request, name: str, version: int | None = Query(default=None, ge=1, le=MAX_SQL_INT)
 ) -> Any:
     """Data quality: duplicates, empty and overlong items, token lengths, PII."""
     return await call_service(
@@ -234,7 +249,7 @@ async def profile_dataset(
 # -- feedback -------------------------------------------------------------------------------
 
 
-@router.post("/traces/{trace_id}/feedback", status_code=201)
+@router.post("/traces/{trace_id}/feedback", status_code=201, openapi_extra=json_body(FeedbackIn))
 async def post_feedback(request: Request, trace_id: str) -> Any:
     """A rating (thumbs or 0-1), a comment and/or a correction on a trace."""
     body = await read_json(request, FeedbackIn)
@@ -275,7 +290,7 @@ async def list_feedback(
     }
 
 
-@router.get("/feedback/export")
+@router.get("/feedback/export", responses=file_response("JSON Lines.", JSONL))
 async def export_feedback(
     request: Request,
     format: Literal["sft", "dpo"] = Query(default="sft"),
@@ -305,7 +320,11 @@ async def annotation_queues(request: Request) -> Any:
     }
 
 
-@router.post("/annotation/queues/{queue}/tasks", status_code=201)
+@router.post(
+    "/annotation/queues/{queue}/tasks",
+    status_code=201,
+    openapi_extra=json_body(EnqueueIn, required=False),
+)
 async def enqueue_traces(request: Request, queue: str) -> Any:
     """Add traces to a queue: the ones named, or the newest chat traces matching a filter."""
     body = await read_json(request, EnqueueIn, optional=True)
@@ -334,8 +353,8 @@ async def next_annotation(request: Request, queue: str) -> Any:
     return {"task": await call_service(svc.feedback.describe, caller.project_id, task)}
 
 
-@router.post("/annotation/tasks/{task_id}/complete")
-async def complete_annotation(request: Request, task_id: int) -> Any:
+@router.post("/annotation/tasks/{task_id}/complete", openapi_extra=json_body(FeedbackIn))
+async def complete_annotation(request: Request, task_id: int = Path(ge=0, le=MAX_SQL_INT)) -> Any:
     """Record the reviewer's feedback and close the task."""
     body = await read_json(request, FeedbackIn)
     caller = principal(request)
@@ -351,7 +370,7 @@ async def complete_annotation(request: Request, task_id: int) -> Any:
 
 
 @router.post("/annotation/tasks/{task_id}/skip")
-async def skip_annotation(request: Request, task_id: int) -> Any:
+async def skip_annotation(request: Request, task_id: int = Path(ge=0, le=MAX_SQL_INT)) -> Any:
     """Set a task aside without feedback."""
     caller = principal(request)
     await call_service(services(request).feedback.skip, caller.project_id, task_id, caller.actor)

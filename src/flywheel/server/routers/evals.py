@@ -16,15 +16,22 @@ from flywheel.evals.base import scorer_types
 from flywheel.evals.compare import compare_runs
 from flywheel.evals.suites import EvalError, SuiteSpec, expand_target, parse_suite
 from flywheel.server.http import (
+    ERROR_RESPONSES,
     authorize,
     call_service,
+    json_body,
     principal,
     read_json,
     service_error,
     services,
 )
 
-router = APIRouter(prefix="/api/evals", tags=["evals"], dependencies=[Depends(authorize)])
+router = APIRouter(
+    prefix="/api/evals",
+    tags=["evals"],
+    dependencies=[Depends(authorize)],
+    responses=ERROR_RESPONSES,
+)
 
 
 class RunIn(BaseModel):
@@ -61,7 +68,7 @@ async def get_suite(request: Request, name: str) -> Any:
     return spec.model_dump(mode="json")
 
 
-@router.put("/suites/{name}")
+@router.put("/suites/{name}", openapi_extra=json_body(SuiteSpec, omit=("name",)))
 async def put_suite(request: Request, name: str) -> Any:
     """Create or replace a suite (its scorers and thresholds are checked)."""
     body = await _json_object(request)
@@ -95,7 +102,7 @@ async def _json_object(request: Request) -> dict[str, Any]:
     return dict(body.model_extra or {})
 
 
-@router.post("/runs", status_code=202)
+@router.post("/runs", status_code=202, openapi_extra=json_body(RunIn))
 async def start_run(request: Request) -> Any:
     """Start a run of a stored suite (or an inline one), optionally on another target."""
     body = await read_json(request, RunIn)

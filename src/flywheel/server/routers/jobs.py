@@ -12,17 +12,20 @@ from pydantic import BaseModel, ConfigDict, Field
 from flywheel.jobs import job_kinds
 from flywheel.security import Permission
 from flywheel.server.http import (
+    ERROR_RESPONSES,
+    MAX_SQL_INT,
     authorize,
     call_service,
     forbidden,
+    json_body,
     principal,
     read_json,
-    service_error,
     services,
 )
-from flywheel.tuning.runs import RunError, export_to_mlflow
 
-router = APIRouter(prefix="/api", tags=["jobs"], dependencies=[Depends(authorize)])
+router = APIRouter(
+    prefix="/api", tags=["jobs"], dependencies=[Depends(authorize)], responses=ERROR_RESPONSES
+)
 
 
 class JobIn(BaseModel):
@@ -65,7 +68,7 @@ async def list_jobs(
     }
 
 
-@router.post("/jobs", status_code=201)
+@router.post("/jobs", status_code=201, openapi_extra=json_body(JobIn))
 async def submit_job(request: Request) -> Any:
     """Queue a job; its params are checked now, so bad input is a 400, never a failed job."""
     body = await read_json(request, JobIn)
@@ -92,7 +95,9 @@ async def get_job(request: Request, job_id: str) -> Any:
 
 
 @router.get("/jobs/{job_id}/logs")
-async def job_logs(request: Request, job_id: str, after: int = Query(default=0, ge=0)) -> Any:
+async def job_logs(
+    request: Request, job_id: str, after: int = Query(default=0, ge=0, le=MAX_SQL_INT)
+) -> Any:
     """Log text after cursor ``after``; poll with the returned ``next`` to follow it live."""
     return await call_service(
         services(request).jobs.logs, principal(request).project_id, job_id, after
@@ -168,13 +173,9 @@ async def delete_run(request: Request, run_id: str) -> None:
 async def export_run(request: Request, run_id: str) -> Any:
     """Copy a run to the configured MLflow tracking URI (``FLYWHEEL_MLFLOW_TRACKING_URI``)."""
     svc = services(request)
-    uri = svc.settings.mlflow_tracking_uri
-    if not uri:
-        raise service_error(
-            RunError(
-                400, "Set FLYWHEEL_MLFLOW_TRACKING_URI to export runs.", "mlflow_not_configured"
-            )
-        )
-    run = await call_service(svc.runs.get, principal(request).project_id, run_id)
-    mlflow_id = await call_service(export_to_mlflow, run, uri)
-    return {"run_id": run_id, "mlflow_run_id": mlflow_id, "tracking_uri": uri}
+    return await call_service(
+        svc.runs.export_mlflow,
+        principal(request).project_id,
+        run_id,
+        svc.settings.mlflow_tracking_uri,
+    )

@@ -12,17 +12,25 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.datastructures import UploadFile
 
 from flywheel.registry import RegistryError
+from flywheel.registry.store import MAX_VERSION
 from flywheel.server.http import (
+    ERROR_RESPONSES,
     authorize,
     call_service,
+    file_response,
+    form_schema,
+    json_body,
     principal,
     read_form,
     read_json,
+    request_body,
     service_error,
     services,
 )
 
-router = APIRouter(prefix="/api", tags=["models"], dependencies=[Depends(authorize)])
+router = APIRouter(
+    prefix="/api", tags=["models"], dependencies=[Depends(authorize)], responses=ERROR_RESPONSES
+)
 
 
 class _Body(BaseModel):
@@ -45,7 +53,7 @@ class ModelPatch(_Body):
 
 
 class AliasIn(_Body):
-    version: int = Field(ge=1)
+    version: int = Field(ge=1, le=MAX_VERSION)
 
 
 class ServeIn(_Body):
@@ -67,7 +75,7 @@ async def list_models(request: Request) -> Any:
     return {"data": await call_service(registry.list_models, principal(request).project_id)}
 
 
-@router.post("/registry", status_code=201)
+@router.post("/registry", status_code=201, openapi_extra=json_body(ModelIn))
 async def create_model(request: Request) -> Any:
     """A new registered model (409 when the name is taken)."""
     body = await read_json(request, ModelIn)
@@ -89,7 +97,7 @@ async def get_model(request: Request, name: str) -> Any:
     return await call_service(registry.get_model, principal(request).project_id, name)
 
 
-@router.patch("/registry/{name}")
+@router.patch("/registry/{name}", openapi_extra=json_body(ModelPatch))
 async def update_model(request: Request, name: str) -> Any:
     """Change the description, license, intended use or limitations (the card's text)."""
     body = await read_json(request, ModelPatch)
@@ -123,7 +131,13 @@ async def delete_model(request: Request, name: str) -> Response:
     return Response(status_code=204)
 
 
-@router.post("/registry/{name}/versions", status_code=201)
+@router.post(
+    "/registry/{name}/versions",
+    status_code=201,
+    openapi_extra=request_body(
+        {"multipart/form-data": form_schema(["kind", "format", "parent", "description"])}
+    ),
+)
 async def register_version(request: Request, name: str) -> Any:
     """Register uploaded files (a model folder: config and safetensors, a PEFT adapter, or a
     GGUF file) as a new version. Form fields: ``kind``, ``format``, optional ``parent``,
@@ -169,7 +183,10 @@ async def get_version(request: Request, name: str, version: str) -> Any:
     return await call_service(registry.resolve, principal(request).project_id, _ref(name, version))
 
 
-@router.get("/registry/{name}/versions/{version}/card")
+@router.get(
+    "/registry/{name}/versions/{version}/card",
+    responses=file_response("The model card.", "text/markdown"),
+)
 async def model_card(request: Request, name: str, version: str) -> Response:
     """The generated model card (markdown, Hugging Face layout)."""
     svc = services(request)
@@ -191,7 +208,7 @@ async def model_lineage(request: Request, name: str, version: str) -> Any:
     )
 
 
-@router.put("/registry/{name}/aliases/{alias}")
+@router.put("/registry/{name}/aliases/{alias}", openapi_extra=json_body(AliasIn))
 async def set_alias(request: Request, name: str, alias: str) -> Any:
     """Point an alias at a version (``production`` moves only through an approval)."""
     body = await read_json(request, AliasIn)
@@ -222,7 +239,7 @@ async def alias_history(request: Request, name: str) -> Any:
     return {"data": await call_service(registry.alias_history, principal(request).project_id, name)}
 
 
-@router.post("/registry/{name}/versions/{version}/serve")
+@router.post("/registry/{name}/versions/{version}/serve", openapi_extra=json_body(ServeIn))
 async def serve_version(request: Request, name: str, version: str) -> Any:
     """Serve a version through the local provider on a route: adds it to the catalog and to
     the route (or makes a new route) as a new config revision."""

@@ -13,14 +13,17 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from flywheel.config.schema import DriftConfig, GuardPolicyConfig, parse_duration
 from flywheel.gateway import GatewayError
 from flywheel.guards.policy import GuardConfigError, GuardPolicy
-from flywheel.monitor.alerts import parse_rule
+from flywheel.monitor.alerts import RuleSpec, parse_rule
 from flywheel.monitor.metrics import series
 from flywheel.security.rbac import Permission
 from flywheel.server.http import (
+    ERROR_RESPONSES,
     authenticate,
     authorize,
     call_service,
+    file_response,
     forbidden,
+    json_body,
     principal,
     read_json,
     services,
@@ -29,12 +32,14 @@ from flywheel.server.http import (
 from flywheel.tracing.metrics import CONTENT_TYPE
 from flywheel.tracing.retention import purge_expired
 
-router = APIRouter(tags=["monitor"], dependencies=[Depends(authorize)])
-metrics_router = APIRouter(tags=["monitor"])
+router = APIRouter(tags=["monitor"], dependencies=[Depends(authorize)], responses=ERROR_RESPONSES)
+metrics_router = APIRouter(tags=["monitor"], responses=ERROR_RESPONSES)
 MAX_SERIES_POINTS = 2000
 
 
-@metrics_router.get("/metrics")
+@metrics_router.get(
+    "/metrics", responses=file_response("Prometheus exposition.", CONTENT_TYPE.split(";")[0])
+)
 async def prometheus_metrics(request: Request) -> Response:
     """Prometheus exposition: requests, latency, tokens, cost, guard hits and queue depths of
     this server. Needs a key with ``monitor:read`` unless FLYWHEEL_METRICS_PUBLIC is set."""
@@ -139,7 +144,7 @@ class DriftRunIn(BaseModel):
     )
 
 
-@router.post("/api/monitor/drift/run")
+@router.post("/api/monitor/drift/run", openapi_extra=json_body(DriftRunIn))
 async def run_drift(request: Request) -> Any:
     """Check a route for drift now (the route's drift settings, or the given ones)."""
     body = await read_json(request, DriftRunIn)
@@ -169,7 +174,7 @@ class GuardCheckIn(BaseModel):
     )
 
 
-@router.post("/api/guards/check")
+@router.post("/api/guards/check", openapi_extra=json_body(GuardCheckIn))
 async def check_guards(request: Request) -> Any:
     """Try a route's guards (or draft ones) on a text: what the model or caller would see,
     which guard would block, and every finding. Nothing is recorded."""
@@ -227,7 +232,7 @@ class _AnyObject(BaseModel):
     model_config = ConfigDict(extra="allow")
 
 
-@router.put("/api/alerts/rules/{name}")
+@router.put("/api/alerts/rules/{name}", openapi_extra=json_body(RuleSpec, omit=("name",)))
 async def put_rule(request: Request, name: str) -> Any:
     """Create or replace a rule: a metric over a window compared with a threshold, with a
     cooldown and an optional signed webhook."""

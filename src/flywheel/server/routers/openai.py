@@ -10,19 +10,21 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from flywheel.gateway import CallContext, ChatCompletionRequest, EmbeddingRequest, GatewayError
-from flywheel.server.http import authorize, gateway_context, principal, read_json, services
+from flywheel.server.http import (
+    ERROR_RESPONSES,
+    UPSTREAM_RESPONSES,
+    authorize,
+    gateway_context,
+    json_body,
+    principal,
+    read_json,
+    services,
+)
 
-router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(authorize)])
+router = APIRouter(
+    prefix="/v1", tags=["openai"], dependencies=[Depends(authorize)], responses=ERROR_RESPONSES
+)
 TRACE_HEADER = "x-flywheel-trace-id"
-
-
-def _body_schema(model: type[ChatCompletionRequest] | type[EmbeddingRequest]) -> dict[str, Any]:
-    return {
-        "requestBody": {
-            "required": True,
-            "content": {"application/json": {"schema": model.model_json_schema()}},
-        }
-    }
 
 
 @contextmanager
@@ -35,7 +37,17 @@ def _traced_errors(ctx: CallContext) -> Iterator[None]:
         raise
 
 
-@router.post("/chat/completions", openapi_extra=_body_schema(ChatCompletionRequest))
+@router.post(
+    "/chat/completions",
+    openapi_extra=json_body(ChatCompletionRequest),
+    responses={
+        **UPSTREAM_RESPONSES,
+        200: {
+            "description": "The completion, or its chunks as server-sent events.",
+            "content": {"application/json": {}, "text/event-stream": {}},
+        },
+    },
+)
 async def chat_completions(request: Request) -> Any:
     """Chat completions, JSON or server-sent events (``"stream": true``)."""
     body = await read_json(request, ChatCompletionRequest)
@@ -53,7 +65,7 @@ async def chat_completions(request: Request) -> Any:
         return JSONResponse(await gateway.chat(body, ctx), headers=headers)
 
 
-@router.post("/embeddings", openapi_extra=_body_schema(EmbeddingRequest))
+@router.post("/embeddings", openapi_extra=json_body(EmbeddingRequest), responses=UPSTREAM_RESPONSES)
 async def embeddings(request: Request) -> Any:
     """Embeddings of one text or a list of texts."""
     body = await read_json(request, EmbeddingRequest)

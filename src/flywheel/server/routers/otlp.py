@@ -14,7 +14,14 @@ import asyncio
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
-from flywheel.server.http import authorize, principal, read_body, services
+from flywheel.server.http import (
+    BINARY,
+    authorize,
+    principal,
+    read_body,
+    request_body,
+    services,
+)
 from flywheel.tracing.otlp import (
     OtlpError,
     convert_request,
@@ -26,7 +33,24 @@ from flywheel.tracing.otlp import (
 router = APIRouter(tags=["otlp"], dependencies=[Depends(authorize)])
 
 
-@router.post("/v1/traces")
+@router.post(
+    "/v1/traces",
+    openapi_extra=request_body(
+        {"application/x-protobuf": BINARY, "application/json": {"type": "object"}}
+    ),
+    responses={
+        200: {
+            "description": "The ExportTraceServiceResponse, in the request's encoding.",
+            "content": {"application/x-protobuf": {}, "application/json": {}},
+        },
+        # Refusals of the body are a google.rpc.Status in the request's encoding (400, 413,
+        # 415); refusals of the key an OpenAI-style error.
+        "4XX": {
+            "description": "A google.rpc.Status, or an OpenAI-style error for the key.",
+            "content": {"application/x-protobuf": {}, "application/json": {}},
+        },
+    },
+)
 async def ingest_otlp(request: Request) -> Response:
     """Accept an ``ExportTraceServiceRequest``; spans with invalid ids are counted in the
     reply's ``partialSuccess``. Errors come back as a ``google.rpc.Status``."""

@@ -15,9 +15,19 @@ from pydantic import BaseModel, ConfigDict, Field
 from flywheel.gateway import GatewayError
 from flywheel.prompts.registry import MAX_VERSION
 from flywheel.prompts.templates import Message
-from flywheel.server.http import authorize, call_service, principal, read_json, services
+from flywheel.server.http import (
+    ERROR_RESPONSES,
+    authorize,
+    call_service,
+    json_body,
+    principal,
+    read_json,
+    services,
+)
 
-router = APIRouter(prefix="/api", tags=["prompts"], dependencies=[Depends(authorize)])
+router = APIRouter(
+    prefix="/api", tags=["prompts"], dependencies=[Depends(authorize)], responses=ERROR_RESPONSES
+)
 
 
 class _Body(BaseModel):
@@ -62,7 +72,7 @@ async def list_prompts(request: Request) -> Any:
     return {"data": await call_service(svc.prompts.overview, principal(request).project_id)}
 
 
-@router.post("/prompts", status_code=201)
+@router.post("/prompts", status_code=201, openapi_extra=json_body(PromptIn))
 async def create_prompt_version(request: Request) -> Any:
     """A new immutable version of a prompt (the prompt too, on its first version)."""
     body = await read_json(request, PromptIn)
@@ -120,7 +130,7 @@ async def diff_versions(
     return await call_service(svc.prompts.diff, principal(request).project_id, name, old, new)
 
 
-@router.post("/prompts/{name}/render")
+@router.post("/prompts/{name}/render", openapi_extra=json_body(RenderIn))
 async def render_prompt(name: str, request: Request) -> Any:
     """The messages a version renders to with ``variables`` (nothing is called)."""
     body = await read_json(request, RenderIn)
@@ -144,7 +154,7 @@ async def label_history(name: str, request: Request) -> Any:
     }
 
 
-@router.put("/prompts/{name}/labels/{label}")
+@router.put("/prompts/{name}/labels/{label}", openapi_extra=json_body(LabelIn))
 async def set_label(name: str, label: str, request: Request) -> Any:
     """Point a label at a version (protected labels: 409, request an approval instead)."""
     body = await read_json(request, LabelIn)
@@ -196,7 +206,7 @@ async def list_approvals(
     }
 
 
-@router.post("/approvals", status_code=201)
+@router.post("/approvals", status_code=201, openapi_extra=json_body(ApprovalIn))
 async def request_approval(request: Request) -> Any:
     """Ask for a protected label (``production``) to move onto a version."""
     body = await read_json(request, ApprovalIn)
@@ -224,13 +234,15 @@ async def _decide(request: Request, approval_id: str, decision: str) -> Any:
     return await call_service(function, principal(request), approval_id, body.comment)
 
 
-@router.post("/approvals/{approval_id}/approve")
+@router.post(
+    "/approvals/{approval_id}/approve", openapi_extra=json_body(DecisionIn, required=False)
+)
 async def approve(approval_id: str, request: Request) -> Any:
     """Approve (never the version's author) and move the label."""
     return await _decide(request, approval_id, "approve")
 
 
-@router.post("/approvals/{approval_id}/reject")
+@router.post("/approvals/{approval_id}/reject", openapi_extra=json_body(DecisionIn, required=False))
 async def reject(approval_id: str, request: Request) -> Any:
     return await _decide(request, approval_id, "reject")
 

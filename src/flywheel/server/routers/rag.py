@@ -8,7 +8,6 @@ and shape the answer; everything acts in the caller's project only.
 from __future__ import annotations
 
 import asyncio
-import json
 from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request, Response
@@ -25,20 +24,29 @@ from flywheel.rag.knowledge import KbError, SearchMode
 from flywheel.rag.loaders import LoadedDocument, LoaderError, supported_media_type
 from flywheel.security import Permission
 from flywheel.server.http import (
+    ERROR_RESPONSES,
     MAX_FORM_FILES,
+    MAX_SQL_INT,
     authorize,
     awaited,
     call_service,
     forbidden,
+    form_schema,
     gateway_context,
+    json_body,
+    json_loads,
+    model_schema,
     principal,
     read_body,
     read_form,
     read_json,
+    request_body,
     services,
 )
 
-router = APIRouter(prefix="/api", tags=["rag"], dependencies=[Depends(authorize)])
+router = APIRouter(
+    prefix="/api", tags=["rag"], dependencies=[Depends(authorize)], responses=ERROR_RESPONSES
+)
 MAX_FILES_PER_UPLOAD = MAX_FORM_FILES
 ALL_MODES: tuple[SearchMode, ...] = ("dense", "bm25", "hybrid")
 
@@ -87,7 +95,7 @@ class SearchIn(_Body):
 class EvalIn(_Body):
     items: list[dict[str, Any]] | None = Field(default=None, max_length=10_000)
     dataset: str | None = None
-    version: int | None = Field(default=None, ge=1)
+    version: int | None = Field(default=None, ge=1, le=MAX_SQL_INT)
     modes: list[SearchMode] = Field(default_factory=lambda: list(ALL_MODES))
     ks: list[int] = Field(default_factory=lambda: list(DEFAULT_KS), max_length=10)
     level: Literal["document", "chunk"] = "document"
@@ -107,7 +115,7 @@ async def list_kbs(request: Request) -> Any:
     return {"data": await call_service(services(request).kbs.list, principal(request).project_id)}
 
 
-@router.post("/kbs", status_code=201)
+@router.post("/kbs", status_code=201, openapi_extra=json_body(KnowledgeBaseIn))
 async def create_kb(request: Request) -> Any:
     """A new, empty knowledge base (409 when the name is taken)."""
     body = await read_json(request, KnowledgeBaseIn)
@@ -128,7 +136,7 @@ async def get_kb(request: Request, name: str) -> Any:
     return await call_service(services(request).kbs.get, principal(request).project_id, name)
 
 
-@router.patch("/kbs/{name}")
+@router.patch("/kbs/{name}", openapi_extra=json_body(KnowledgeBasePatch))
 async def update_kb(request: Request, name: str) -> Any:
     """Change the description or settings; a new chunker or embedder rebuilds the index."""
     body = await read_json(request, KnowledgeBasePatch)
@@ -175,7 +183,7 @@ async def _uploaded(request: Request) -> tuple[list[Upload], Any]:
         raw = form.get("metadata")
         if isinstance(raw, str) and raw.strip():
             try:
-                metadata = json.loads(raw)
+                metadata = json_loads(raw)
             except ValueError as exc:
                 raise GatewayError(
                     400, f"The metadata field is not JSON: {exc}", param="metadata"
@@ -215,6 +223,10 @@ def _metadata(value: Any) -> dict[str, Any] | None:
     return value
 
 
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
+
+
 async def _can_ingest_in_background(request: Request, name: str) -> None:
     """A background ingestion is a job: the caller may submit jobs, and the knowledge base
     exists (checked before anything is stored)."""
@@ -238,7 +250,16 @@ async def _submit_ingest(request: Request, params: dict[str, Any], label: str) -
     )
 
 
-@router.post("/kbs/{name}/documents")
+@router.post(
+    "/kbs/{name}/documents",
+    openapi_extra=request_body(
+        {
+            "application/json": model_schema(DocumentsIn),
+            "multipart/form-data": form_schema(["metadata"]),
+        }
+    ),
+    responses={202: {"description": "background=true: the ingestion job."}},
+)
 async def upload_documents(
     request: Request, response: Response, name: str, background: bool = False
 ) -> Any:
@@ -256,7 +277,8 @@ async def upload_documents(
         entries = await call_service(store_uploads, svc.artifacts, caller.project_id, uploads)
         params = {"knowledge_base": name, "artifacts": entries, "metadata": extra}
         try:
-            job = await _submit_ingest(request, params, f"ingest {len(entries)} files into {name}")
+            label = f"ingest {_count(len(entries), 'file')} into {name}"
+            job = await _submit_ingest(request, params, label)
         except GatewayError:
             keys = [entry["key"] for entry in entries]
             await asyncio.to_thread(discard_uploads, svc.artifacts, caller.project_id, keys)
@@ -270,7 +292,11 @@ async def upload_documents(
     return report.as_dict()
 
 
-@router.post("/kbs/{name}/urls")
+@router.post(
+    "/kbs/{name}/urls",
+    openapi_extra=json_body(UrlsIn),
+    responses={202: {"description": "background=true: the ingestion job."}},
+)
 async def ingest_urls(
     request: Request, response: Response, name: str, background: bool = False
 ) -> Any:
@@ -283,7 +309,8 @@ async def ingest_urls(
     if background:
         await _can_ingest_in_background(request, name)
         params = {"knowledge_base": name, "urls": body.urls, "metadata": body.metadata}
-        job = await _submit_ingest(request, params, f"ingest {len(body.urls)} URLs into {name}")
+        label = f"ingest {_count(len(body.urls), 'URL')} into {name}"
+        job = await _submit_ingest(request, params, label)
         response.status_code = 202
         return job
     policy = FetchPolicy(allow_hosts=tuple(svc.settings.fetch_allow_hosts))
@@ -306,7 +333,7 @@ async def list_documents(
     request: Request,
     name: str,
     limit: int = Query(default=100, ge=1, le=1000),
-    offset: int = Query(default=0, ge=0),
+    offset: int = Query(default=0, ge=0, le=MAX_SQL_INT),
     q: str = Query(default="", max_length=200),
 ) -> Any:
     """A page of documents (source containing ``q``), by source."""
@@ -339,7 +366,7 @@ async def delete_document(request: Request, name: str, document_id: str) -> Any:
     )
 
 
-@router.post("/kbs/{name}/search")
+@router.post("/kbs/{name}/search", openapi_extra=json_body(SearchIn))
 async def search(request: Request, name: str) -> Any:
     """Hits for a query, with the dense and BM25 rankings beside the fused one."""
     body = await read_json(request, SearchIn)
@@ -377,7 +404,7 @@ async def reindex(request: Request, name: str) -> Any:
     return {"index_version": version}
 
 
-@router.post("/kbs/{name}/eval")
+@router.post("/kbs/{name}/eval", openapi_extra=json_body(EvalIn))
 async def evaluate(request: Request, name: str) -> Any:
     """Retrieval metrics (hit@k, recall@k, precision@k, MRR, nDCG@k) per search mode, on
     labelled queries given inline or as a dataset version."""
@@ -410,12 +437,25 @@ async def evaluate(request: Request, name: str) -> Any:
 # -- pipelines -------------------------------------------------------------------------------
 
 
+# A pipeline's YAML as the raw body, or as JSON {"spec": "<yaml>"}.
+_PIPELINE_BODY = request_body(
+    {
+        "application/yaml": {"type": "string"},
+        "application/json": {
+            "type": "object",
+            "properties": {"spec": {"type": "string"}},
+            "required": ["spec"],
+        },
+    }
+)
+
+
 async def _pipeline_text(request: Request) -> str:
     """A pipeline's YAML: the raw body (YAML) or a JSON object ``{"spec": "..."}``."""
     body = await read_body(request)
     if request.headers.get("content-type", "").startswith("application/json"):
         try:
-            data = json.loads(body)
+            data = json_loads(body)
         except ValueError as exc:
             raise GatewayError(400, f"Invalid JSON body: {exc}", code="invalid_json") from None
         if not isinstance(data, dict) or not isinstance(data.get("spec"), str):
@@ -435,7 +475,7 @@ async def list_pipelines(request: Request) -> Any:
     }
 
 
-@router.post("/pipelines/validate")
+@router.post("/pipelines/validate", openapi_extra=_PIPELINE_BODY)
 async def validate_pipeline(request: Request) -> Any:
     """Check a pipeline without saving it: ``{"valid": bool, "problems": [...]}``."""
     text = await _pipeline_text(request)
@@ -452,7 +492,11 @@ async def get_pipeline(request: Request, name: str) -> Any:
     return await call_service(services(request).pipelines.get, principal(request).project_id, name)
 
 
-@router.put("/pipelines/{name}")
+@router.put(
+    "/pipelines/{name}",
+    openapi_extra=_PIPELINE_BODY,
+    responses={201: {"description": "The pipeline was created."}},
+)
 async def put_pipeline(request: Request, response: Response, name: str) -> Any:
     """Create (201) or replace (200) a pipeline from its YAML; problems name step and field."""
     text = await _pipeline_text(request)
@@ -473,7 +517,7 @@ async def delete_pipeline(request: Request, name: str) -> Response:
     return Response(status_code=204)
 
 
-@router.post("/pipelines/{name}/run")
+@router.post("/pipelines/{name}/run", openapi_extra=json_body(RunIn, required=False))
 async def run_pipeline(request: Request, name: str) -> Any:
     """Run a pipeline with ``inputs``; the answer has its output, each step's status and the
     trace id (every step is a span)."""
