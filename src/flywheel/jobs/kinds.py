@@ -10,6 +10,7 @@ the server and its job processes both import.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 import os
@@ -78,7 +79,9 @@ def _import_once(module: str, *, quiet: bool) -> None:
         log.exception("could not import plugin module %s", module)
 
 
+@functools.cache
 def _load_plugins() -> None:
+    # Once per process: scanning entry points on every lookup would cost each submission.
     extra = [m.strip() for m in os.environ.get("FLYWHEEL_PLUGINS", "").split(",")]
     for module in filter(None, extra):
         _import_once(module, quiet=True)
