@@ -122,6 +122,29 @@ def test_a_cancelled_eval_job_cancels_its_run(project: httpx.Client) -> None:
     assert f"cancelling eval run {run_id}" in full_log(project, job["id"])
 
 
+def test_the_evals_api_cancels_a_run_that_a_job_runs(project: httpx.Client) -> None:
+    """The run lives in the job's process: the API's cancel reaches it through the database
+    (as it would a run on another replica)."""
+    job = submit(project, "eval.run", {"suite": "hanging"})
+    running = wait_until(
+        project, job["id"], lambda j: j["status"] == "running" and j["message"].startswith("run ")
+    )
+    run_id = running["message"].split()[1].rstrip(":")
+    cancelled = project.post(f"/api/evals/runs/{run_id}/cancel")
+    assert cancelled.status_code == 200, cancelled.text
+    assert cancelled.json()["cancel_requested"] is True
+    deadline = time.monotonic() + 30
+    while (run := project.get(f"/api/evals/runs/{run_id}").json())["status"] == "running":
+        assert time.monotonic() < deadline, run
+        time.sleep(0.2)
+    assert run["status"] == "cancelled" and run["summary"] is None
+    done = wait_job(project, job["id"], timeout=60)
+    assert done["result"]["status"] == "cancelled" and done["result"]["run_id"] == run_id
+    assert f"eval run {run_id} cancelled" in full_log(project, job["id"])
+    again = project.post(f"/api/evals/runs/{run_id}/cancel")
+    assert again.status_code == 409 and "already cancelled" in again.json()["error"]["message"]
+
+
 def test_bad_params_are_refused_naming_the_field(server, project: httpx.Client) -> None:
     cases = [
         ("eval.run", {}, "params.suite"),

@@ -5,7 +5,7 @@ an ``SFTConfig`` holding the hyperparameters and a ``LoraConfig``, everything el
 defaults. It trains on the same prompt/completion records as ``train_sft`` and prints one JSON
 line with the timings, measured by :class:`StepTimer` exactly as for ``train_sft``.
 
-    python bench/tuning/plain_trl_sft.py --base DIR --data train.jsonl [--max-steps N]
+    python bench/tuning/plain_trl_sft.py --base DIR --data train.jsonl [--max-steps N] [--fp32]
 """
 
 from __future__ import annotations
@@ -62,6 +62,9 @@ def main() -> None:
     parser.add_argument("--learning-rate", type=float, default=2e-4)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--alpha", type=int, default=16)
+    parser.add_argument(
+        "--fp32", action="store_true", help="bf16=False: full precision, as train_sft on CPU"
+    )
     args = parser.parse_args()
 
     import torch
@@ -87,6 +90,7 @@ def main() -> None:
                 report_to="none",
                 disable_tqdm=True,
                 use_cpu=not torch.cuda.is_available(),  # TRL's bf16 default demands it on CPU
+                bf16=not args.fp32,
                 # counting only; the same count train_sft reports
                 include_num_input_tokens_seen="non_padding",
             ),

@@ -8,6 +8,9 @@ end, non-padding tokens as counted by the trainer). Variants:
 
 - ``plain TRL``: ``bench/tuning/plain_trl_sft.py`` (TRL's defaults: bf16 autocast, gradient
   checkpointing, random batches);
+- ``plain TRL (fp32)``: the same script with ``bf16=False``, the precision ``train_sft`` picks on
+  a CPU without native bf16 (AVX-512 BF16 / AMX), so the ratio against it isolates the wrapper
+  from the dtype choice;
 - ``train_sft (TRL speed defaults)``: ``train_sft`` with gradient checkpointing on and length
   grouping off, i.e. what the wrapper itself costs;
 - ``train_sft``: ``train_sft`` with its defaults (no gradient checkpointing, which a 135M model
@@ -166,11 +169,13 @@ def _child(variant: str, args: argparse.Namespace, data: Path, eval_data: Path) 
         "--rank", str(args.rank),
         "--alpha", str(args.alpha),
     ]  # fmt: skip
-    if variant == "plain":
+    if variant.startswith("plain"):
         from flywheel.providers.local_model import materialize_model
 
         base = materialize_model("builtin:smollm2", MODEL_CACHE)
         command = [sys.executable, str(HERE / "plain_trl_sft.py"), "--base", str(base), *common]
+        if variant == "plain-fp32":
+            command.append("--fp32")
     else:
         command = [sys.executable, __file__, "--variant", variant, "--eval-data", str(eval_data)]
         command += common
@@ -187,6 +192,7 @@ def _child(variant: str, args: argparse.Namespace, data: Path, eval_data: Path) 
 
 LABELS = {
     "plain": "plain TRL script",
+    "plain-fp32": "plain TRL script (fp32)",
     "flywheel-trl-defaults": "train_sft (TRL speed defaults)",
     "flywheel": "train_sft (defaults)",
 }
@@ -205,7 +211,9 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--alpha", type=int, default=16)
     parser.add_argument(
-        "--variants", default="plain,flywheel-trl-defaults,flywheel", help="comma-separated"
+        "--variants",
+        default="plain-fp32,flywheel-trl-defaults,flywheel,plain",
+        help="comma-separated; plain (bf16 autocast) is slow on CPUs without native bf16",
     )
     parser.add_argument("--json", type=Path, help="also write the figures here")
     # internal: run one train_sft variant in this process
@@ -243,14 +251,16 @@ def main() -> None:
             f"| {LABELS[variant]} | {r['steps']} | {r['train_seconds']} | {r['steps_per_s']} "
             f"| {r['tokens_per_s']} | {r['train_loss']} | {r['load_average_before']} |"
         )
-    plain = results.get("plain")
-    if plain:
+    for baseline in ("plain-fp32", "plain"):
+        base_figures = results.get(baseline)
+        if not base_figures:
+            continue
         for variant, r in results.items():
-            if variant != "plain":
+            if not variant.startswith("plain"):
                 print(
-                    f"\nratio {LABELS[variant]} / plain TRL: steps/s "
-                    f"{r['steps_per_s'] / plain['steps_per_s']:.2f}, tokens/s "
-                    f"{r['tokens_per_s'] / plain['tokens_per_s']:.2f}"
+                    f"\nratio {LABELS[variant]} / {LABELS[baseline]}: steps/s "
+                    f"{r['steps_per_s'] / base_figures['steps_per_s']:.2f}, tokens/s "
+                    f"{r['tokens_per_s'] / base_figures['tokens_per_s']:.2f}"
                 )
     flywheel = results.get("flywheel")
     if flywheel and flywheel.get("eval_loss_before") is not None:

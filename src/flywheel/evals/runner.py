@@ -45,6 +45,8 @@ FINISHED = ("completed", "failed", "cancelled")
 PROGRESS_SECONDS = 0.5
 # A running run whose heartbeat is older than this lost its server (a restart, a crash).
 STALE_SECONDS = 60.0
+# How long a cancel of a run in another process waits for it to stop before answering.
+CANCEL_WAIT_SECONDS = 10.0
 
 
 @dataclass
@@ -110,6 +112,7 @@ def run_to_dict(row: EvalRun) -> dict[str, Any]:
         "created_by": row.created_by,
         "started_at": row.started_at,
         "finished_at": row.finished_at,
+        "cancel_requested": row.cancel_requested_at is not None,
     }
 
 
@@ -304,11 +307,26 @@ class EvalRunner:
         if run["status"] in FINISHED:
             raise EvalError(409, f"Run {run_id} has already {run['status']}.", "conflict")
         task = self._tasks.get(run_id)
-        if task is None:
-            raise EvalError(409, f"Run {run_id} runs on another server.", "conflict")
-        task.cancel()
-        await self.wait(run_id)
-        return await asyncio.to_thread(self.get, project_id, run_id)
+        if task is not None:
+            task.cancel()
+            await self.wait(run_id)
+            return await asyncio.to_thread(self.get, project_id, run_id)
+        # Another process runs it (a replica, a job): it reads the request with its heartbeat.
+        await asyncio.to_thread(self._request_cancel, run_id)
+        deadline = time.monotonic() + CANCEL_WAIT_SECONDS
+        while True:
+            run = await asyncio.to_thread(self.get, project_id, run_id)
+            if run["status"] in FINISHED or time.monotonic() >= deadline:
+                return run
+            await asyncio.sleep(PROGRESS_SECONDS / 2)
+
+    def _request_cancel(self, run_id: str) -> None:
+        with self.db.session() as session:
+            session.execute(
+                update(EvalRun)
+                .where(EvalRun.id == run_id, EvalRun.cancel_requested_at.is_(None))
+                .values(cancel_requested_at=time.time())
+            )
 
     async def close(self) -> None:
         """Cancel every run in flight (at shutdown); they are marked cancelled."""
@@ -518,18 +536,28 @@ class EvalRunner:
         while True:
             await asyncio.sleep(PROGRESS_SECONDS)
             progress = job.progress
-            await asyncio.to_thread(
-                self._update,
+            cancel_requested = await asyncio.to_thread(
+                self._heartbeat,
                 job.run_id,
                 done=progress.done,
                 failed=progress.failed,
                 cache_hits=progress.cache_hits,
                 heartbeat_at=time.time(),
             )
+            task = self._tasks.get(job.run_id)
+            if cancel_requested and task is not None:
+                log.info("eval run %s: cancel requested elsewhere", job.run_id)
+                task.cancel()
+                return
 
-    def _update(self, run_id: str, **values: Any) -> None:
+    def _heartbeat(self, run_id: str, **values: Any) -> bool:
+        """Store progress; True when a cancel was requested from another process."""
         with self.db.session() as session:
             session.execute(update(EvalRun).where(EvalRun.id == run_id).values(**values))
+            requested = session.scalar(
+                select(EvalRun.cancel_requested_at).where(EvalRun.id == run_id)
+            )
+        return requested is not None
 
     def _finish(
         self,

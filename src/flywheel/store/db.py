@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from importlib import resources
 from pathlib import Path
 from typing import Any, cast
 
 from alembic import command
 from alembic.config import Config as AlembicConfig
-from sqlalchemy import CursorResult, Engine, create_engine, event, update
+from filelock import FileLock
+from sqlalchemy import CursorResult, Engine, create_engine, event, text, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -45,13 +46,25 @@ class Database:
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     def migrate(self) -> None:
-        """Bring the schema to the newest Alembic revision."""
+        """Bring the schema to the newest Alembic revision. Processes migrating the same
+        database at once (replicas started together) take turns instead of racing on
+        CREATE TABLE."""
         script_location = resources.files("flywheel").joinpath("store/migrations")
         config = AlembicConfig()
         config.set_main_option("script_location", str(script_location))
-        with self.engine.begin() as connection:
+        with self._migration_lock(), self.engine.begin() as connection:
+            if connection.dialect.name == "postgresql":
+                # Held until the transaction ends.
+                connection.execute(text("SELECT pg_advisory_xact_lock(7212026)"))
             config.attributes["connection"] = connection
             command.upgrade(config, "head")
+
+    def _migration_lock(self) -> AbstractContextManager[object]:
+        """A lock file beside a SQLite database (SQLite is single-host); nothing elsewhere."""
+        path = make_url(self.url).database
+        if self.engine.dialect.name != "sqlite" or not path or path == ":memory:":
+            return nullcontext()
+        return FileLock(f"{path}.migrate.lock", timeout=300)
 
     @contextmanager
     def session(self) -> Iterator[Session]:

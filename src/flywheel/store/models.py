@@ -413,6 +413,9 @@ class EvalRun(Base):
     finished_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     # Written while the run goes; a running run whose heartbeat stopped lost its server.
     heartbeat_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # Set by a cancel that reached another process (a replica, a job); the process running
+    # the run reads it with its heartbeat and stops the run.
+    cancel_requested_at: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
 class EvalResult(Base):

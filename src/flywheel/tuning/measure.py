@@ -205,6 +205,38 @@ def measure_model(
     return result
 
 
+def finish_step(
+    result: dict[str, Any],
+    output_dir: Path,
+    started: float,
+    eval_records: Sequence[Any] | None,
+    prompts: Sequence[Any] | None,
+    max_new_tokens: int,
+    *,
+    measure_after: bool = True,
+    model: Any = None,
+    tokenizer: Any = None,
+) -> dict[str, Any]:
+    """The common end of merge, quantize and prune: with ``eval_records``, ``after`` measures
+    the saved model (or the ``model`` still in memory), and the result records the output
+    folder, its size on disk and the step's seconds since ``started`` (``perf_counter``)."""
+    if eval_records is not None and measure_after:
+        result["after"] = measure_model(
+            output_dir,
+            eval_records,
+            prompts,
+            max_new_tokens=max_new_tokens,
+            model=model,
+            tokenizer=tokenizer,
+        )
+    result.update(
+        output_dir=str(output_dir),
+        size_bytes=size_on_disk(output_dir),
+        seconds=time.perf_counter() - started,
+    )
+    return result
+
+
 class PeakMemory:
     """The peak memory of this process while a block runs: resident set size sampled on a
     background thread (CPU), or ``torch.cuda.max_memory_allocated`` (GPU)."""

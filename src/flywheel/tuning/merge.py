@@ -14,7 +14,13 @@ from typing import Any, Literal
 
 import torch
 
-from flywheel.tuning.measure import DEFAULT_NEW_TOKENS, load_tokenizer, measure_model, size_on_disk
+from flywheel.tuning.measure import (
+    DEFAULT_NEW_TOKENS,
+    finish_step,
+    load_tokenizer,
+    measure_model,
+    size_on_disk,
+)
 from flywheel.tuning.report import Cancelled, Reporter
 from flywheel.tuning.train import nf4_config, read_training_info
 
@@ -110,15 +116,7 @@ def merge_adapter(
     tokenizer.save_pretrained(str(output_dir))
     reporter.progress(0.7, "saved the merged model")
     del model, merged
-    if eval_records is not None:
-        result["after"] = measure_model(
-            output_dir, eval_records, prompts, max_new_tokens=max_new_tokens
-        )
-    result.update(
-        output_dir=str(output_dir),
-        size_bytes=size_on_disk(output_dir),
-        seconds=time.perf_counter() - started,
-    )
+    finish_step(result, output_dir, started, eval_records, prompts, max_new_tokens)
     reporter.progress(1.0, "merged")
     reporter.log(f"merged model saved to {output_dir} ({result['size_bytes']:,} bytes)")
     return result

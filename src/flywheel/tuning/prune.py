@@ -17,7 +17,12 @@ from typing import Any, Literal
 import torch
 from torch.nn.utils import prune
 
-from flywheel.tuning.measure import DEFAULT_NEW_TOKENS, load_tokenizer, measure_model, size_on_disk
+from flywheel.tuning.measure import (
+    DEFAULT_NEW_TOKENS,
+    finish_step,
+    load_tokenizer,
+    measure_model,
+)
 from flywheel.tuning.report import Cancelled, Reporter
 
 PRUNE_METHODS = ("magnitude", "2:4")
@@ -112,19 +117,15 @@ def prune_model(
     output_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(output_dir))
     tokenizer.save_pretrained(str(output_dir))
-    if eval_records is not None:
-        result["after"] = measure_model(
-            output_dir,
-            eval_records,
-            prompts,
-            max_new_tokens=max_new_tokens,
-            model=model.eval(),
-            tokenizer=tokenizer,
-        )
-    result.update(
-        output_dir=str(output_dir),
-        size_bytes=size_on_disk(output_dir),
-        seconds=time.perf_counter() - started,
+    finish_step(
+        result,
+        output_dir,
+        started,
+        eval_records,
+        prompts,
+        max_new_tokens,
+        model=model.eval(),
+        tokenizer=tokenizer,
     )
     reporter.progress(1.0, "pruned")
     reporter.log(

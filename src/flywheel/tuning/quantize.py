@@ -19,7 +19,12 @@ from typing import Any
 
 import torch
 
-from flywheel.tuning.measure import DEFAULT_NEW_TOKENS, load_tokenizer, measure_model, size_on_disk
+from flywheel.tuning.measure import (
+    DEFAULT_NEW_TOKENS,
+    finish_step,
+    load_tokenizer,
+    measure_model,
+)
 from flywheel.tuning.report import Cancelled, Reporter
 from flywheel.tuning.train import nf4_config
 
@@ -180,14 +185,14 @@ def quantize_model(
         load_tokenizer(model_dir).save_pretrained(str(output_dir))
         del model
         reporter.progress(0.7, "saved the quantized model")
-        if eval_records is not None:
-            result["after"] = measure_model(
-                output_dir, eval_records, prompts, max_new_tokens=max_new_tokens
-            )
-    result.update(
-        output_dir=str(output_dir),
-        size_bytes=size_on_disk(output_dir),
-        seconds=time.perf_counter() - started,
+    finish_step(
+        result,
+        output_dir,
+        started,
+        eval_records,
+        prompts,
+        max_new_tokens,
+        measure_after=method != "gguf",
     )
     reporter.progress(1.0, "quantized")
     reporter.log(f"{method} model saved to {output_dir} ({result['size_bytes']:,} bytes)")

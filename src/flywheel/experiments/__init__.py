@@ -1,0 +1,2 @@
+"""Experiments on a route: variants, sticky assignment, sequential tests, promotion and
+rollback."""
