@@ -54,12 +54,13 @@ pytest: install browser
 # The store, gateway and RAG tests again on a real PostgreSQL server (tests/pg.py starts one
 # on loopback from the machine's binaries and removes it afterwards). Files that never touch
 # the database (test_limits, test_rag_index) are left out; test_cli only for its commands
-# that write the local database.
+# that write the local database. test_rag_pgvector starts its own PostgreSQL with pgvector from
+# the pgserver wheel (a dev dependency, installed by `make install`): Debian has no pgvector.
 PG_TESTS := $(addprefix tests/,$(addsuffix .py, \
 	test_audit test_secrets test_trace_writer test_registry test_monitor_alerts \
 	test_gateway_openai test_gateway_faults test_access test_rbac test_traces \
 	test_config_apply test_prompts test_registry_api test_evals_api test_jobs_api \
-	test_rag_api)) \
+	test_rag_api test_rag_pgvector test_rag_build_race test_migrations test_replicas)) \
 	$(addprefix tests/test_cli.py::,test_keys_create_works_on_the_local_database \
 	test_projects_users_and_project_keys_on_the_local_database \
 	test_rotating_the_master_key_keeps_secrets_readable)

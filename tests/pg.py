@@ -7,12 +7,17 @@ store a test builds gets a database of its own (``create_database``), so tests s
 independent as they are with one SQLite file each. ``stop`` ends the server (the one process
 this module started, by its id) and removes the data directory.
 
+The pgvector tests (tests/test_rag_pgvector.py) need the ``vector`` extension, which Debian 12
+does not package: they start their own server from the binaries of the ``pgserver`` wheel (a
+dev dependency: PostgreSQL 16 with pgvector, see ``pgserver_bindir``).
+
 PostgreSQL refuses to run as root, so when the tests run as root the server runs as the
 ``postgres`` system user the Debian package creates (or ``nobody`` without it).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import os
 import pwd
@@ -65,6 +70,18 @@ def postgres_bindir() -> Path:
     )
 
 
+def pgserver_bindir() -> Path | None:
+    """The PostgreSQL binaries shipped by the ``pgserver`` wheel (PostgreSQL 16 built with
+    pgvector), or None when it is not installed. Only its files are used: its own server
+    manager is not, so these servers start and stop like any other here."""
+    # Found, not imported: importing pgserver sets up its own server manager.
+    spec = importlib.util.find_spec("pgserver")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    bindir = Path(next(iter(spec.submodule_search_locations))).resolve() / "pginstall" / "bin"
+    return bindir if (bindir / "initdb").exists() and (bindir / "postgres").exists() else None
+
+
 def _run_as() -> pwd.struct_passwd | None:
     """The unprivileged account to run the server as when we are root; None otherwise."""
     if os.geteuid() != 0:
@@ -85,13 +102,15 @@ class PostgresServer:
     port: int
     process: subprocess.Popen[bytes]
     log_path: Path
+    bindir: Path = field(default_factory=postgres_bindir)
     databases: list[str] = field(default_factory=list)
     _names: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
 
     @classmethod
-    def start(cls, timeout: float = 60) -> PostgresServer:
-        """initdb into a new directory under /tmp and start ``postgres`` on a free port."""
-        bindir = postgres_bindir()
+    def start(cls, timeout: float = 60, bindir: Path | None = None) -> PostgresServer:
+        """initdb into a new directory under /tmp and start ``postgres`` on a free port, from
+        ``bindir`` (default ``postgres_bindir()``)."""
+        bindir = bindir or postgres_bindir()
         account = _run_as()
         # Not under pytest's tmp dir: that is private to root, and the server's user must
         # reach its data directory and socket.
@@ -147,7 +166,7 @@ class PostgresServer:
         except BaseException:
             shutil.rmtree(root, ignore_errors=True)
             raise
-        server = cls(root, port, process, log_path)
+        server = cls(root, port, process, log_path, bindir)
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -189,7 +208,7 @@ class PostgresServer:
         assert source, url
         target_url = self.create_database(prefix)
         target = make_url(target_url).database
-        bindir = postgres_bindir()
+        bindir = self.bindir
         dump = subprocess.run(
             [str(bindir / "pg_dump"), "--no-owner", self.dsn(source)],
             check=True,

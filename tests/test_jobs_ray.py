@@ -1,6 +1,8 @@
 """The ``ray`` executor against a real local Ray cluster: jobs run as Ray tasks with their log,
-progress, cancel, failures and crashes seen through the API, and a ``tune.sft`` job trains on
-two Ray Train workers (DDP over gloo).
+progress, cancel, failures and crashes seen through the API, a ``tune.sft`` job trains on
+two Ray Train workers (DDP over gloo), and a batch eval (``eval.run``) and a knowledge-base
+ingestion (``kb.ingest``) run there too: the server's default executor is ``ray``, so a
+background upload goes to the cluster without naming it.
 
 The module starts its own head (``ray start --head --block`` on loopback, 2 CPUs, a temp dir
 of its own) and stops it at the end, killing by process id whatever of it is left: it never
@@ -26,6 +28,7 @@ import httpx
 import psutil
 import pytest
 
+from flywheel.testing import FakeUpstream
 from flywheel.testing.upstream import free_port
 from tests.conftest import RunningServer, start_server, stop_server
 from tests.test_jobs_api import full_log, wait_job, wait_until
@@ -33,12 +36,16 @@ from tests.test_jobs_api import full_log, wait_job, wait_until
 RAY = Path(sys.executable).parent / "ray"
 CONFIG = """
 providers:
-  local: {type: local}
+  local: {{type: local}}
+  up: {{type: openai, base_url: "{upstream}"}}
 models:
-  - {name: smollm2-135m-instruct, provider: local, source: "builtin:smollm2"}
+  - {{name: smollm2-135m-instruct, provider: local, source: "builtin:smollm2"}}
+  - {{name: up-echo, provider: up, upstream_name: echo}}
 routes:
   - name: default
-    targets: [{model: smollm2-135m-instruct}]
+    targets: [{{model: smollm2-135m-instruct}}]
+  - name: echo
+    targets: [{{model: up-echo}}]
 """
 
 
@@ -123,13 +130,16 @@ def ray_head() -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def ray_server(ray_head: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+def ray_server(
+    ray_head: str, tmp_path_factory: pytest.TempPathFactory, upstream: FakeUpstream
+) -> Iterator[RunningServer]:
     running = start_server(
         tmp_path_factory.mktemp("flywheel-ray"),
-        CONFIG,
+        CONFIG.format(upstream=upstream.base_url),
         "fw-test-" + secrets.token_hex(16),
         extra_env={
             "FLYWHEEL_RAY_ADDRESS": ray_head,
+            "FLYWHEEL_JOB_EXECUTOR": "ray",
             "FLYWHEEL_PRELOAD_MODELS": "false",
             "FLYWHEEL_JOB_HEARTBEAT": "1",
         },
@@ -260,3 +270,57 @@ def test_a_two_worker_sft_job_trains_through_ray_train(api: httpx.Client) -> Non
     # Rank 0's step metrics reached the tracking run.
     run = api.get(f"/api/runs/{result['run_id']}").json()
     assert run["status"] == "finished" and run["metrics"]["loss"]
+
+
+def test_a_batch_eval_runs_as_a_ray_task(api: httpx.Client) -> None:
+    questions = [f"ray question {i}" for i in range(4)]
+    items = [{"input": q, "expected": f"echo: {q}"} for q in questions]
+    made = api.post("/api/datasets", json={"name": "ray-qa", "items": items})
+    assert made.status_code == 201, made.text
+    suite = {
+        "dataset": "ray-qa",
+        "target": "echo",
+        "scorers": ["exact_match"],
+        "thresholds": {"exact_match": 0.9},
+    }
+    assert api.put("/api/evals/suites/ray-echo", json=suite).status_code == 200
+    job = submit(api, "eval.run", {"suite": "ray-echo@1"})
+    done = wait_job(api, job["id"], timeout=120)
+    log = full_log(api, job["id"])
+    assert done["status"] == "succeeded", f"{done['error']}\n{log[-4000:]}"
+    assert done["pid"] is None and "started on Ray task" in log
+    result = done["result"]
+    assert result["status"] == "completed" and result["total"] == len(questions)
+    assert result["passed"] is True
+    # The task's eval run is an ordinary run in the server's database, answers scored.
+    run = api.get(f"/api/evals/runs/{result['run_id']}").json()
+    assert run["status"] == "completed"
+    assert run["summary"]["scorers"]["exact_match"]["mean"] == 1.0
+
+
+def test_a_background_ingestion_runs_on_ray_by_default(api: httpx.Client) -> None:
+    assert api.post("/api/kbs", json={"name": "ray-notes"}).status_code == 201
+    documents = [
+        {"source": "jobs.txt", "text": "Background jobs run as Ray tasks on the cluster."},
+        {"source": "kites.txt", "text": "A red kite flies over the green hill in spring."},
+    ]
+    sent = api.post(
+        "/api/kbs/ray-notes/documents",
+        params={"background": "true"},
+        json={"documents": documents},
+    )
+    assert sent.status_code == 202, sent.text
+    job = sent.json()
+    # No executor named: the server's default (FLYWHEEL_JOB_EXECUTOR=ray) took it.
+    assert job["kind"] == "kb.ingest" and job["executor"] == "ray"
+    done = wait_job(api, job["id"], timeout=120)
+    log = full_log(api, job["id"])
+    assert done["status"] == "succeeded", f"{done['error']}\n{log[-4000:]}"
+    assert "started on Ray task" in log
+    report = done["result"]
+    assert sorted(report["added"]) == ["jobs.txt", "kites.txt"]
+    assert report["index_version"] == 1
+    # The index the task built is served by the server.
+    found = api.post("/api/kbs/ray-notes/search", json={"query": "red kite"})
+    assert found.status_code == 200, found.text
+    assert found.json()["hits"][0]["source"] == "kites.txt"

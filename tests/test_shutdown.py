@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 import secrets
 import signal
-import sqlite3
 
 import httpx
 
+from flywheel.store import Database
 from tests.conftest import start_server
 
 CONFIG = """
@@ -72,9 +72,11 @@ def test_sigterm_under_load_loses_no_trace(tmp_path, upstream) -> None:
     asyncio.run(scenario())
     # uvicorn shuts down gracefully, then re-raises SIGTERM so the exit status reports it.
     assert server.process.wait(60) in (0, -signal.SIGTERM), server.log()
-    database = sqlite3.connect(tmp_path / "home" / "flywheel.db")
-    stored = {row[0] for row in database.execute("SELECT trace_id FROM spans")}
-    database.close()
+    # The server's own database: a SQLite file, or PostgreSQL with --db=postgres.
+    database = Database(server.database_url)
+    with database.engine.connect() as connection:
+        stored = set(connection.exec_driver_sql("SELECT trace_id FROM spans").scalars())
+    database.dispose()
     assert len(ok) >= 300
     missing = set(ok) - stored
     assert not missing, f"{len(missing)} of {len(ok)} acknowledged calls have no trace"

@@ -278,3 +278,30 @@ def test_cli_submits_and_follows_jobs(
     assert ingest.returncode == 0, ingest.stdout + ingest.stderr
     assert "queued (kb.ingest, 1 file)" in ingest.stdout and "succeeded" in ingest.stdout
     assert '"duplicate_of": "release.md"' in ingest.stdout
+
+
+def test_a_job_and_a_request_ingesting_into_one_kb_keep_both(project: httpx.Client) -> None:
+    """A background ingest (a worker process) and synchronous uploads (the server) into the
+    same knowledge base at once: whichever index build finishes last, the active version
+    holds every document."""
+    assert project.post("/api/kbs", json={"name": "busy"}).status_code == 201
+    words = ["aardvark", "bassoon", "cumulus", "dromedary", "estuary", "fjord"]
+    job = project.post(
+        "/api/kbs/busy/documents",
+        params={"background": "true"},
+        json={
+            "documents": [{"source": f"{w}.txt", "text": f"All about the {w}."} for w in words[:3]]
+        },
+    ).json()
+    for word in words[3:]:
+        sync = project.post(
+            "/api/kbs/busy/documents",
+            json={"documents": [{"source": f"{word}.txt", "text": f"All about the {word}."}]},
+        )
+        assert sync.status_code == 200, sync.text
+    assert wait_job(project, job["id"])["status"] == "succeeded"
+    for word in words:
+        hits = project.post(
+            "/api/kbs/busy/search", json={"query": word, "mode": "bm25", "top_k": 1}
+        ).json()["hits"]
+        assert hits and hits[0]["source"] == f"{word}.txt", (word, hits)

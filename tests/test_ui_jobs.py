@@ -45,7 +45,7 @@ FAKE_ADAPTER = {
 
 
 def database(server: RunningServer) -> Database:
-    return Database(f"sqlite:///{server.home / 'flywheel.db'}")
+    return Database(server.database_url)
 
 
 def wait_for_job(api: httpx.Client, job_id: str, timeout: float = 30) -> dict[str, object]:

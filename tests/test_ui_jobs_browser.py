@@ -49,7 +49,7 @@ DRAWN_SERIES = """() => Array.from(document.querySelectorAll('canvas[data-series
 
 
 def tracker(server: RunningServer) -> RunTracker:
-    return RunTracker(Database(f"sqlite:///{server.home / 'flywheel.db'}"))
+    return RunTracker(Database(server.database_url))
 
 
 def test_job_log_progress_and_loss_follow_live(

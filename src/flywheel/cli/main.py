@@ -13,6 +13,7 @@ import typer
 from rich.table import Table
 
 from flywheel import __version__
+from flywheel.cli.cache import cache_app
 from flywheel.cli.common import (
     DEFAULT_URL,
     KeyOption,
@@ -54,6 +55,7 @@ app.add_typer(jobs_app, name="jobs")
 app.add_typer(runs_app, name="runs")
 app.add_typer(tune_app, name="tune")
 app.add_typer(models_app, name="models")
+app.add_typer(cache_app, name="cache")
 for _step in ("merge", "quantize", "prune"):
     app.command(_step)(step_command(_step))
 

@@ -227,6 +227,43 @@ class RagRouteConfig(_Strict):
     prompt: PromptRef | None = None
 
 
+class RouteCacheConfig(_Strict):
+    """A route's response cache (opt-in). ``exact`` serves a stored answer to a request
+    identical to an earlier one (same messages and output-changing parameters); ``semantic``
+    also serves it when the last user message is a paraphrase (cosine similarity of MiniLM
+    embeddings at least ``similarity``) and everything else matches exactly. Answers are
+    scoped per project. Never cached: requests with tools (unless ``cache_tools``), with a
+    temperature above ``max_temperature`` (an unset temperature counts as 1.0, the OpenAI
+    default), with ``n`` > 1, errors, guard-flagged answers and streams that did not finish.
+    """
+
+    mode: Literal["exact", "semantic"] = "exact"
+    ttl: Duration = Field(
+        default=3600.0, description="How long an answer is served, in seconds (or '10m', '1d')."
+    )
+    similarity: float = Field(
+        default=0.95,
+        ge=0.5,
+        le=1.0,
+        description="Semantic mode: the least cosine similarity of the last user messages.",
+    )
+    max_temperature: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=2.0,
+        description="Requests sampling hotter than this are never cached (unset counts as 1.0).",
+    )
+    cache_tools: bool = Field(
+        default=False, description="Also cache requests that offer tools or functions."
+    )
+    max_entries: int = Field(
+        default=10_000,
+        ge=1,
+        le=100_000,
+        description="Answers kept per route and project; the least recently used go first.",
+    )
+
+
 class RouteConfig(_Strict):
     """A named virtual model: weighted targets, ordered fallbacks, retries and timeouts."""
 
@@ -251,6 +288,7 @@ class RouteConfig(_Strict):
     online_eval: OnlineEvalConfig | None = None
     drift: DriftConfig | None = None
     rag: RagRouteConfig | None = None
+    cache: RouteCacheConfig | None = None
     pipeline: (
         Annotated[
             str,
@@ -269,10 +307,10 @@ class RouteConfig(_Strict):
     @model_validator(mode="after")
     def _targets_or_pipeline(self) -> RouteConfig:
         if self.pipeline is not None:
-            if self.guards is not None or self.online_eval is not None:
+            if self.guards is not None or self.online_eval is not None or self.cache is not None:
                 raise ValueError(
-                    "a pipeline route takes no guards or online_eval: put them on the routes "
-                    "its steps call"
+                    "a pipeline route takes no guards, online_eval or cache: put them on the "
+                    "routes its steps call"
                 )
             if self.targets or self.fallbacks or self.rag is not None:
                 raise ValueError(

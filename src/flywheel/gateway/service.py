@@ -16,6 +16,7 @@ import numpy as np
 
 from flywheel.config import CatalogModel, FlywheelConfig, RouteConfig
 from flywheel.errors import ServiceError
+from flywheel.gateway.cache import HIT, CachePlan, RouteCache, route_fingerprint
 from flywheel.gateway.errors import GatewayError, from_provider_error, from_service_error
 from flywheel.gateway.limits import BudgetAlert, Limiter, LimitExceeded, Reservation, Subject
 from flywheel.gateway.routing import RouteTable, Step
@@ -85,6 +86,11 @@ class CallContext:
     # Filled when the call is recorded: what it cost and how long it took, for callers
     # inside the server (eval runs) that need more than the OpenAI response says.
     outcome: dict[str, Any] | None = None
+    # The route cache: whether the call may be answered from it and may fill it (the
+    # client's Cache-Control), and what it did ("hit", "miss", "bypass"; None: no cache).
+    cache_lookup: bool = True
+    cache_store: bool = True
+    cache_status: str | None = None
 
 
 # (caller, knowledge base, question, options, capture mode) -> {"context": text for the
@@ -123,6 +129,9 @@ class _Call:
     # Variables a rag call offers its prompt (question, context, hits): each is passed only
     # when the prompt's schema declares it; the caller's own variables win.
     offered: dict[str, Any] | None = None
+    # The route cache's plan for this call, and the stored answer it was served (a hit).
+    cache: CachePlan | None = None
+    cached: dict[str, Any] | None = None
 
 
 def _has_content(chunk: dict[str, Any]) -> bool:
@@ -142,9 +151,41 @@ def _guard_policies(config: FlywheelConfig) -> dict[str, GuardPolicy]:
     }
 
 
+def _cache_fingerprints(config: FlywheelConfig) -> dict[str, str]:
+    """What shapes the answers of each cached route (part of its cache keys)."""
+    return {r.name: route_fingerprint(r) for r in config.routes if r.cache is not None}
+
+
 def sse(payload: dict[str, Any] | str) -> bytes:
     data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
     return f"data: {data}\n\n".encode()
+
+
+async def _replay_cached(response: dict[str, Any], include_usage: bool) -> AsyncIterator[bytes]:
+    """A cached completion as a stream, shaped as a live one: the citations (rag), each
+    choice's message then its finish, the usage when asked for, then ``[DONE]``."""
+    base = {
+        "id": response["id"],
+        "object": "chat.completion.chunk",
+        "created": response["created"],
+        "model": response.get("model"),
+    }
+    if response.get("citations") is not None:
+        yield sse({**base, "choices": [], "citations": response["citations"]})
+    for position, choice in enumerate(response.get("choices") or []):
+        index = choice.get("index", position)
+        message = choice.get("message") or {}
+        delta: dict[str, Any] = {"role": "assistant", "content": message.get("content")}
+        if message.get("tool_calls"):
+            delta["tool_calls"] = [
+                {"index": i, **tool} for i, tool in enumerate(message["tool_calls"])
+            ]
+        yield sse({**base, "choices": [{"index": index, "delta": delta, "finish_reason": None}]})
+        finish = choice.get("finish_reason") or "stop"
+        yield sse({**base, "choices": [{"index": index, "delta": {}, "finish_reason": finish}]})
+    if include_usage and response.get("usage"):
+        yield sse({**base, "choices": [], "usage": response["usage"]})
+    yield sse("[DONE]")
 
 
 class Gateway:
@@ -165,6 +206,7 @@ class Gateway:
         on_traced: TracedHook | None = None,
         retrieve: Retrieve | None = None,
         run_pipeline: RunPipeline | None = None,
+        cache: RouteCache | None = None,
     ) -> None:
         self.config = config
         self.providers = providers
@@ -180,11 +222,16 @@ class Gateway:
         self.on_traced = on_traced
         self.retrieve = retrieve
         self.run_pipeline = run_pipeline
+        # Routes with a ``cache:`` block share this (in-process unless given a Redis store).
+        self.cache = cache or RouteCache()
+        self.cache.metrics = metrics
+        self._fingerprints = _cache_fingerprints(config)
 
     def reconfigure(self, config: FlywheelConfig) -> None:
         """Serve a new catalog, routes and guards; calls in flight finish on the old ones."""
         self.config, self.routes = config, RouteTable(config)
         self.policies = _guard_policies(config)
+        self._fingerprints = _cache_fingerprints(config)
 
     # -- discovery -------------------------------------------------------------------------
 
@@ -633,10 +680,11 @@ class Gateway:
         kind: str,
         request: ChatCompletionRequest | EmbeddingRequest,
         method: Callable[[Provider], UnaryCall],
+        route: RouteConfig | None = None,
     ) -> dict[str, Any]:
-        """One JSON-in, JSON-out call through the route, within the caller's limits; a failure
-        is traced, then raised."""
-        route = self._resolve(call, kind)
+        """One JSON-in, JSON-out call through the route (``route`` when already resolved),
+        within the caller's limits; a failure is traced, then raised."""
+        route = route or self._resolve(call, kind)
         await self._admit(call, route, request)
 
         async def attempt(provider: Provider, step: Step) -> dict[str, Any]:
@@ -683,7 +731,60 @@ class Gateway:
             else {"trigger": error.trigger, "message": error.message},
         }
 
-    # -- chat ------------------------------------------------------------------------------
+    # -- the route cache ---------------------------------------------------------------------
+
+    async def _cache_lookup(
+        self, call: _Call, request: ChatCompletionRequest
+    ) -> dict[str, Any] | None:
+        """The stored answer for a call on a cached route, traced as a hit; None (a miss or
+        a bypass, noted on the call) otherwise. A hit reserves nothing against limits and
+        costs nothing: no model is called."""
+        route = self.routes.routes.get(call.route)
+        if route is None or route.cache is None:
+            return None
+        plan = self.cache.plan(
+            route,
+            self._fingerprints.get(route.name, ""),
+            call.ctx.project_id or "",
+            request,
+            lookup=call.ctx.cache_lookup,
+            store=call.ctx.cache_store,
+        )
+        if plan is None:
+            return None
+        call.cache = plan
+        entry = await self.cache.lookup(plan)
+        call.ctx.cache_status = plan.status
+        await self.cache.count(plan)
+        if entry is None:
+            return None
+        call.cached = entry
+        response = {
+            **entry["response"],
+            "id": f"chatcmpl-{call.ctx.trace_id}",
+            "created": int(time.time()),
+        }
+        if call.stream:
+            call.ttft_ms = (time.perf_counter() - call.perf_start) * 1000
+        output = {
+            "choices": [
+                {"message": c.get("message"), "finish_reason": c.get("finish_reason")}
+                for c in response.get("choices", [])
+            ]
+        }
+        self._record(call, usage=response.get("usage") or {}, output=output)
+        return response
+
+    async def _cache_save(self, call: _Call, response: dict[str, Any]) -> None:
+        """Store a call's finished answer when its plan allows; an answer any guard found
+        something in (redacted, flagged) is never stored."""
+        plan = call.cache
+        if plan is None or not plan.store or plan.status == HIT:
+            return
+        if call.guards is not None and call.guards.hits:
+            return
+        model = call.model.name if call.model is not None else None
+        await self.cache.save(plan, response, model=model, trace_id=call.ctx.trace_id)
 
     # -- guards ----------------------------------------------------------------------------
 
@@ -750,7 +851,11 @@ class Gateway:
         policy = self._policy(call)
         if policy is not None and policy.input:
             request = await self._guard_input(call, policy, request)
-        response = await self._unary(call, "chat", request, lambda p: p.chat)
+        route = self._resolve(call, "chat")
+        cached = await self._cache_lookup(call, request)
+        if cached is not None:
+            return cached
+        response = await self._unary(call, "chat", request, lambda p: p.chat, route)
         usage = response.get("usage") or {}
         if policy is not None and policy.output:
             response = await self._guard_output(call, policy, response, usage)
@@ -763,6 +868,7 @@ class Gateway:
         self._record(call, usage=usage, output=output)
         if call.citations is not None:
             response = {**response, "citations": call.citations}
+        await self._cache_save(call, response)
         return response
 
     async def stream_chat(
@@ -781,8 +887,11 @@ class Gateway:
         if policy is not None and policy.input:
             request = await self._guard_input(call, policy, request)
         route = self._resolve(call, "chat")
-        await self._admit(call, route, request)
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
+        cached = await self._cache_lookup(call, request)
+        if cached is not None:
+            return _replay_cached(cached, include_usage)
+        await self._admit(call, route, request)
 
         async def attempt(
             provider: Provider, step: Step
@@ -878,6 +987,8 @@ class Gateway:
         finish_reason: str | None = None
         error: GatewayError | None = None
         status = "ok"
+        first: dict[str, Any] | None = None
+        tool_calls = False
 
         async def all_chunks() -> AsyncIterator[dict[str, Any]]:
             for chunk in buffered:
@@ -909,9 +1020,33 @@ class Gateway:
                             continue
                         chunk = {k: v for k, v in chunk.items() if k != "usage"}
                 for choice in chunk.get("choices") or []:
-                    text.append((choice.get("delta") or {}).get("content") or "")
+                    delta = choice.get("delta") or {}
+                    text.append(delta.get("content") or "")
                     finish_reason = choice.get("finish_reason") or finish_reason
+                    tool_calls = tool_calls or bool(delta.get("tool_calls"))
+                if first is None and chunk.get("choices"):
+                    first = chunk
                 yield sse(chunk)
+            if call.cache is not None and not tool_calls:
+                # Stored before [DONE]: a client that got the whole answer finds it cached.
+                await self._cache_save(
+                    call,
+                    {
+                        "id": (first or {}).get("id") or f"chatcmpl-{call.ctx.trace_id}",
+                        "object": "chat.completion",
+                        "created": (first or {}).get("created") or int(call.started),
+                        "model": (first or {}).get("model") or call.route,
+                        "choices": [
+                            {
+                                "index": 0,
+                                "message": {"role": "assistant", "content": "".join(text)},
+                                "finish_reason": finish_reason,
+                            }
+                        ],
+                        "usage": usage,
+                        **({"citations": call.citations} if call.citations is not None else {}),
+                    },
+                )
             yield sse("[DONE]")
         except ProviderError as exc:
             # Tokens already reached the caller, so falling back would splice two answers.
@@ -1001,10 +1136,14 @@ class Gateway:
         if total is None and (prompt is not None or completion is not None):
             total = (prompt or 0) + (completion or 0)
         model = call.model
-        cost = self._cost(call, usage)
+        cached = call.cached
+        # A cache hit called no model: it cost nothing.
+        cost = 0.0 if cached is not None else self._cost(call, usage)
         end = time.time()
         latency_ms = (time.perf_counter() - call.perf_start) * 1000
         attributes = dict(call.attributes or {})
+        if call.cache is not None:
+            attributes.update(call.cache.attributes)
         if call.ctx.attributes:
             attributes.update(call.ctx.attributes)
         verdict = call.guards
@@ -1028,7 +1167,7 @@ class Gateway:
             "status_code": error.status_code if error is not None else 200,
             "error": error.message if error is not None else None,
             "route": call.route,
-            "model": model.name if model else None,
+            "model": model.name if model else (cached or {}).get("model"),
             "provider": model.provider if model else None,
             "stream": call.stream,
             "input": call.input,
@@ -1042,7 +1181,12 @@ class Gateway:
             "project_id": call.ctx.project_id,
             "attributes": attributes or None,
         }
-        if self.on_traced is not None and call.kind == "gateway.chat" and error is None:
+        if (
+            self.on_traced is not None
+            and call.kind == "gateway.chat"
+            and error is None
+            and cached is None  # a served copy was judged when it was first answered
+        ):
             self.on_traced(span)
         if capture == "metadata":
             span = {**span, "input": None, "output": None}

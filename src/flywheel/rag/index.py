@@ -25,7 +25,7 @@ import faiss
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["Bm25Index", "Hit", "VectorIndex", "reciprocal_rank_fusion"]
+__all__ = ["Bm25Index", "Hit", "VectorIndex", "ranked_hits", "reciprocal_rank_fusion"]
 
 Int64Array = npt.NDArray[np.int64]
 Float32Array = npt.NDArray[np.float32]
@@ -72,7 +72,7 @@ def _present(sorted_ids: Int64Array, candidates: Int64Array) -> npt.NDArray[np.b
     return np.asarray(sorted_ids[positions] == candidates, dtype=np.bool_)
 
 
-def _ranked(pairs: list[tuple[float, int]]) -> list[Hit]:
+def ranked_hits(pairs: list[tuple[float, int]]) -> list[Hit]:
     """Order (score, id) pairs by score descending, then id ascending, and number them."""
     pairs.sort(key=lambda pair: (-pair[0], pair[1]))
     return [Hit(id=hit_id, score=score, rank=rank) for rank, (score, hit_id) in enumerate(pairs, 1)]
@@ -293,7 +293,7 @@ class VectorIndex:
         else:
             scores, labels = self._hnsw_search(data, want, candidates, available)
         return [
-            _ranked(
+            ranked_hits(
                 [
                     (float(score), int(label))
                     for score, label in zip(row_scores, row_labels, strict=True)
@@ -541,7 +541,7 @@ class Bm25Index:
             threshold = np.partition(scores[matching], matching.size - k)[matching.size - k]
             matching = matching[scores[matching] >= threshold]
         pairs = [(float(scores[i]), int(self._ids[i])) for i in matching]
-        return _ranked(pairs)[:k]
+        return ranked_hits(pairs)[:k]
 
     def to_bytes(self) -> bytes:
         """Serialise: ``bm25s`` ``save`` output plus the ids, packed into a zip archive."""

@@ -7,6 +7,10 @@ After each change an **index version** is built over all documents: it records t
 embedder, the chunker settings and every (source, hash) pair, and stores its FAISS and BM25
 indexes in the artifact store. Embeddings are kept per chunk, so a new version re-embeds only
 new chunks unless the embedder changed, and then everything (never a mix of two embedders).
+
+On PostgreSQL with the pgvector extension an index version lives in the database instead
+(``flywheel.rag.pgvector``): a table per (knowledge base, embedder) with a vector column and a
+full-text column, which every replica searches directly.
 """
 
 from __future__ import annotations
@@ -33,9 +37,11 @@ from flywheel.rag.chunking import Chunk, ChunkerConfig, chunk_text
 from flywheel.rag.embedders import LOCAL_EMBEDDER, Embedder, RemoteEmbed
 from flywheel.rag.index import Bm25Index, VectorIndex
 from flywheel.rag.loaders import LoadedDocument, LoaderError
+from flywheel.rag.pgvector import BACKEND, TEXT_SEARCH_CONFIG, PgVectorStore
 from flywheel.security.audit import AuditLog
 from flywheel.store import Database, KbChunk, KbDocument, KbIndexVersion, KnowledgeBase
 from flywheel.store.artifacts import ArtifactStore
+from flywheel.store.db import lock_row
 
 SearchMode = Literal["dense", "bm25", "hybrid"]
 NAME_PATTERN = re.compile(RESOURCE_NAME_PATTERN)
@@ -181,6 +187,18 @@ def version_to_dict(row: KbIndexVersion) -> dict[str, Any]:
     }
 
 
+def _document_pairs(session: Session, kb_id: str) -> list[tuple[str, str]]:
+    """(source, content hash) of every document, by source: what an index version is of."""
+    return [
+        (source, digest)
+        for source, digest in session.execute(
+            select(KbDocument.source, KbDocument.content_hash)
+            .where(KbDocument.kb_id == kb_id)
+            .order_by(KbDocument.source)
+        )
+    ]
+
+
 class KnowledgeBases:
     """Knowledge bases of every project: create, ingest, browse and index."""
 
@@ -190,14 +208,37 @@ class KnowledgeBases:
         audit: AuditLog,
         artifacts: ArtifactStore,
         remote_embed: RemoteEmbed | None = None,
+        *,
+        pgvector: bool | None = None,
     ) -> None:
+        """``pgvector``: None uses PostgreSQL's pgvector and full-text search when the store is
+        PostgreSQL and the extension can be created, False always builds FAISS and bm25s
+        artifacts, True requires pgvector (an error on first use without it)."""
         self.db = db
         self.audit = audit
         self.artifacts = artifacts
         self.remote_embed = remote_embed
+        self._pgvector = pgvector
+        self.pg: PgVectorStore | None = None
+        if pgvector is not False and db.engine.dialect.name == "postgresql":
+            self.pg = PgVectorStore(db)
+        elif pgvector:
+            raise ValueError("pgvector needs a PostgreSQL store")
         # One ingestion or rebuild at a time per knowledge base in this process; replicas
         # are kept apart by the unique (kb, version) constraint.
         self._locks: dict[str, asyncio.Lock] = {}
+
+    def uses_pgvector(self) -> bool:
+        """Whether new index versions go to PostgreSQL (pgvector + full text)."""
+        if self.pg is None:
+            return False
+        if self.pg.available():
+            return True
+        if self._pgvector:
+            raise KbError(
+                503, "The pgvector extension is not available on this database.", "unavailable"
+            )
+        return False
 
     # -- knowledge bases --------------------------------------------------------------------
 
@@ -322,6 +363,8 @@ class KnowledgeBases:
             kb = self._kb(session, project_id, name)
             kb_id = kb.id
             before = kb_to_dict(kb)
+            if self.pg is not None:
+                self.pg.drop(session, kb_id)
             session.execute(delete(KbChunk).where(KbChunk.kb_id == kb_id))
             session.execute(delete(KbDocument).where(KbDocument.kb_id == kb_id))
             session.execute(delete(KbIndexVersion).where(KbIndexVersion.kb_id == kb_id))
@@ -631,12 +674,19 @@ class KnowledgeBases:
             ):
                 return active
         await self._embed_missing(project_id, kb_id, settings.embedder, progress)
+        if await asyncio.to_thread(self.uses_pgvector):
+            version = await asyncio.to_thread(
+                self._save_pg_version, kb_id, settings, chunker, digest, pairs, actor
+            )
+            if progress is not None:
+                progress("index", 1, 1)
+            return version
         ids, vectors, texts = await asyncio.to_thread(self._index_inputs, kb_id, settings.embedder)
         vector_index = await asyncio.to_thread(
             VectorIndex.build, ids, vectors, hnsw_threshold=settings.hnsw_threshold
         )
         bm25 = await asyncio.to_thread(Bm25Index.build, [int(i) for i in ids], texts)
-        version = await asyncio.to_thread(
+        saved = await asyncio.to_thread(
             self._save_version,
             kb_id,
             settings.embedder,
@@ -650,7 +700,9 @@ class KnowledgeBases:
         )
         if progress is not None:
             progress("index", 1, 1)
-        return version
+        # None: the documents changed while this build ran; the build of the ingest that
+        # changed them (it reads the documents after writing them) is the one to keep.
+        return saved if saved is not None else active
 
     def _version_row(self, kb_id: str, version: int) -> KbIndexVersion | None:
         with self.db.session() as session:
@@ -662,14 +714,7 @@ class KnowledgeBases:
 
     def _document_pairs(self, kb_id: str) -> list[tuple[str, str]]:
         with self.db.session() as session:
-            return [
-                (source, digest)
-                for source, digest in session.execute(
-                    select(KbDocument.source, KbDocument.content_hash)
-                    .where(KbDocument.kb_id == kb_id)
-                    .order_by(KbDocument.source)
-                )
-            ]
+            return _document_pairs(session, kb_id)
 
     async def _embed_missing(
         self, project_id: str, kb_id: str, embedder_name: str, progress: Progress | None
@@ -740,8 +785,14 @@ class KnowledgeBases:
         vector_index: VectorIndex,
         bm25: Bm25Index,
         actor: str,
-    ) -> int:
+    ) -> int | None:
+        """Store a built index as the next version and make it active, unless the knowledge
+        base's documents no longer match ``pairs`` (then None, and nothing is stored)."""
         with self.db.session() as session:
+            # Builds of one knowledge base (a job and a request, two replicas) queue here.
+            lock_row(session, KnowledgeBase.id, kb_id)
+            if _document_pairs(session, kb_id) != pairs:
+                return None
             newest = session.scalar(
                 select(func.max(KbIndexVersion.version)).where(KbIndexVersion.kb_id == kb_id)
             )
@@ -774,6 +825,54 @@ class KnowledgeBases:
             kb.updated_at = _now()
         return version
 
+    def _save_pg_version(
+        self,
+        kb_id: str,
+        settings: KbSettings,
+        chunker: dict[str, Any],
+        digest: str,
+        pairs: list[tuple[str, str]],
+        actor: str,
+    ) -> int:
+        """Fill the pgvector table and record the version in one transaction: searches see
+        the new rows and the new active version together."""
+        assert self.pg is not None
+        with self.db.session() as session:
+            # Builds of one knowledge base on several replicas queue here.
+            lock_row(session, KnowledgeBase.id, kb_id)
+            newest = session.scalar(
+                select(func.max(KbIndexVersion.version)).where(KbIndexVersion.kb_id == kb_id)
+            )
+            version = int(newest or 0) + 1
+            table, count, dim, kind = self.pg.sync(
+                session, kb_id, settings.embedder, version, settings.hnsw_threshold
+            )
+            session.add(
+                KbIndexVersion(
+                    kb_id=kb_id,
+                    version=version,
+                    embedder=settings.embedder,
+                    dim=dim,
+                    chunker=chunker,
+                    digest=digest,
+                    documents=[list(p) for p in pairs],
+                    chunk_count=count,
+                    vector_kind=kind,
+                    artifacts={
+                        "backend": BACKEND,
+                        "table": table,
+                        "text_search": TEXT_SEARCH_CONFIG,
+                    },
+                    created_at=_now(),
+                    created_by=actor,
+                )
+            )
+            kb = session.get(KnowledgeBase, kb_id)
+            assert kb is not None
+            kb.index_version = version
+            kb.updated_at = _now()
+        return version
+
     def load_indexes(self, row: KbIndexVersion) -> tuple[VectorIndex, Bm25Index]:
         """The stored indexes of an index version (read from the artifact store)."""
         keys = row.artifacts
@@ -782,11 +881,13 @@ class KnowledgeBases:
             Bm25Index.from_bytes(self.artifacts.get(keys["bm25"])),
         )
 
-    def chunk_table(self, kb_id: str) -> dict[int, dict[str, Any]]:
-        """Every chunk of a knowledge base with its document's source and metadata: what
-        search hits and filters need, keyed by chunk id."""
+    def chunk_table(
+        self, kb_id: str, ids: Iterable[int] | None = None
+    ) -> dict[int, dict[str, Any]]:
+        """Every chunk of a knowledge base (or those of ``ids``) with its document's source
+        and metadata: what search hits and filters need, keyed by chunk id."""
         with self.db.session() as session:
-            rows = session.execute(
+            query = (
                 select(
                     KbChunk.id,
                     KbChunk.document_id,
@@ -802,7 +903,10 @@ class KnowledgeBases:
                 )
                 .join(KbDocument, KbDocument.id == KbChunk.document_id)
                 .where(KbChunk.kb_id == kb_id)
-            ).all()
+            )
+            if ids is not None:
+                query = query.where(KbChunk.id.in_(list(ids)))
+            rows = session.execute(query).all()
         return {
             row[0]: {
                 "chunk_id": row[0],
@@ -819,6 +923,30 @@ class KnowledgeBases:
             }
             for row in rows
         }
+
+    def document_fields(self, kb_id: str) -> list[dict[str, Any]]:
+        """Each document's filterable fields (what ``search.matches`` reads) and its chunk
+        count: a filtered search on PostgreSQL selects documents, not chunks."""
+        with self.db.session() as session:
+            rows = session.execute(
+                select(
+                    KbDocument.id,
+                    KbDocument.source,
+                    KbDocument.media_type,
+                    KbDocument.meta,
+                    KbDocument.chunk_count,
+                ).where(KbDocument.kb_id == kb_id)
+            ).all()
+        return [
+            {
+                "document_id": row[0],
+                "source": row[1],
+                "media_type": row[2],
+                "metadata": row[3] or {},
+                "chunk_count": int(row[4] or 0),
+            }
+            for row in rows
+        ]
 
     # Last in the class: the name 'list' would shadow the builtin in annotations below it.
     def list(self, project_id: str) -> list[dict[str, Any]]:

@@ -2,7 +2,9 @@
 metadata filters and an optional LLM rerank.
 
 Loaded indexes are cached per (knowledge base, index version): a replica that sees a newer
-active version loads it from the artifact store on its next search.
+active version loads it from the artifact store on its next search. A version kept in
+PostgreSQL (pgvector and full text, ``flywheel.rag.pgvector``) is searched in the database
+instead, with nothing loaded: the rankings are fused here the same way.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from flywheel.evals.scorers import extract_json
 from flywheel.rag.embedders import Embedder
 from flywheel.rag.index import Bm25Index, Hit, VectorIndex, reciprocal_rank_fusion
 from flywheel.rag.knowledge import KbError, KbSettings, KnowledgeBases, SearchMode
+from flywheel.rag.pgvector import StaleTable, is_pgvector_version
 from flywheel.store import KbIndexVersion
 
 log = logging.getLogger("flywheel.rag")
@@ -31,6 +34,8 @@ ChatCall = Callable[[str, dict[str, Any]], Awaitable[dict[str, Any]]]
 CANDIDATES_PER_HIT = 4
 MIN_CANDIDATES = 20
 CACHED_INDEXES = 16
+# Dense hits, BM25 hits and the rows of the chunks they name.
+Rankings = tuple[list[Hit], list[Hit], dict[int, dict[str, Any]]]
 
 
 @dataclass
@@ -118,35 +123,42 @@ class Retriever:
         rrf_k = rrf_k if rrf_k is not None else settings.rrf_k
         if not query.strip():
             raise KbError(400, "The query is empty.", "invalid_value", "query")
-        index = await asyncio.to_thread(self._load, kb_id, active)
+        depth = max(top_k * CANDIDATES_PER_HIT, MIN_CANDIDATES)
+        found: Rankings | None = None
+        for attempt in range(2):
+            try:
+                if active is not None and is_pgvector_version(active.artifacts):
+                    found = await self._rank_in_database(
+                        project_id, kb_id, active, query, mode, depth, filters
+                    )
+                else:
+                    found = await self._rank_loaded(
+                        project_id, kb_id, active, query, mode, depth, filters
+                    )
+                break
+            except StaleTable:
+                # A build on another replica replaced the table between our reading the
+                # active version and searching it: the new version is committed, so read again.
+                if attempt:
+                    raise KbError(
+                        503, "The index changed during the search; try again.", "unavailable"
+                    ) from None
+                kb_id, settings, active = await asyncio.to_thread(
+                    self.kbs.active_index, project_id, name
+                )
         result: dict[str, Any] = {
             "knowledge_base": name,
             "query": query,
             "mode": mode,
             "top_k": top_k,
-            "index_version": index.version if index else None,
+            "index_version": active.version if active else None,
             "hits": [],
             "dense": [],
             "bm25": [],
         }
-        if index is None or not index.chunks:
+        if found is None:
             return result
-        allowed = None
-        if filters:
-            allowed = {cid for cid, chunk in index.chunks.items() if matches(filters, chunk)}
-            if not allowed:
-                return result
-        depth = max(top_k * CANDIDATES_PER_HIT, MIN_CANDIDATES)
-        dense: list[Hit] = []
-        lexical: list[Hit] = []
-        if mode in ("dense", "hybrid"):
-            embedder = Embedder(index.embedder, project_id, self.kbs.remote_embed)
-            vector = (await embedder.embed([query]))[0]
-            found = await asyncio.to_thread(index.vectors.search, vector, depth, allowed=allowed)
-            dense = [h for h in found if isinstance(h, Hit) and h.id in index.chunks]
-        if mode in ("bm25", "hybrid"):
-            found_bm25 = await asyncio.to_thread(index.bm25.search, query, depth, allowed=allowed)
-            lexical = [h for h in found_bm25 if h.id in index.chunks]
+        dense, lexical, chunks = found
         if mode == "dense":
             ranked = dense
         elif mode == "bm25":
@@ -157,7 +169,7 @@ class Retriever:
         bm25_by_id = {h.id: h for h in lexical}
         hits = []
         for hit in ranked[:top_k]:
-            row = _hit_row(index.chunks[hit.id], hit)
+            row = _hit_row(chunks[hit.id], hit)
             if hit.id in dense_by_id:
                 row["dense_rank"], row["dense_score"] = (
                     dense_by_id[hit.id].rank,
@@ -172,9 +184,98 @@ class Retriever:
         if (rerank is None or rerank) and settings.rerank is not None and hits:
             hits = await self._rerank(project_id, settings, query, hits)
         result["hits"] = hits
-        result["dense"] = [_hit_row(index.chunks[h.id], h) for h in dense[:top_k]]
-        result["bm25"] = [_hit_row(index.chunks[h.id], h) for h in lexical[:top_k]]
+        result["dense"] = [_hit_row(chunks[h.id], h) for h in dense[:top_k]]
+        result["bm25"] = [_hit_row(chunks[h.id], h) for h in lexical[:top_k]]
         return result
+
+    async def _rank_loaded(
+        self,
+        project_id: str,
+        kb_id: str,
+        active: KbIndexVersion | None,
+        query: str,
+        mode: SearchMode,
+        depth: int,
+        filters: dict[str, Any] | None,
+    ) -> Rankings | None:
+        """Rankings from the version's FAISS and BM25 indexes (loaded, then cached)."""
+        index = await asyncio.to_thread(self._load, kb_id, active)
+        if index is None or not index.chunks:
+            return None
+        allowed = None
+        if filters:
+            allowed = {cid for cid, chunk in index.chunks.items() if matches(filters, chunk)}
+            if not allowed:
+                return None
+        dense: list[Hit] = []
+        lexical: list[Hit] = []
+        if mode in ("dense", "hybrid"):
+            embedder = Embedder(index.embedder, project_id, self.kbs.remote_embed)
+            vector = (await embedder.embed([query]))[0]
+            found = await asyncio.to_thread(index.vectors.search, vector, depth, allowed=allowed)
+            dense = [h for h in found if isinstance(h, Hit) and h.id in index.chunks]
+        if mode in ("bm25", "hybrid"):
+            found_bm25 = await asyncio.to_thread(index.bm25.search, query, depth, allowed=allowed)
+            lexical = [h for h in found_bm25 if h.id in index.chunks]
+        return dense, lexical, index.chunks
+
+    async def _rank_in_database(
+        self,
+        project_id: str,
+        kb_id: str,
+        active: KbIndexVersion,
+        query: str,
+        mode: SearchMode,
+        depth: int,
+        filters: dict[str, Any] | None,
+    ) -> Rankings | None:
+        """Rankings from PostgreSQL (pgvector and full text); only the hits' rows are read."""
+        pg = self.kbs.pg
+        if pg is None:
+            raise KbError(
+                409,
+                f"Index version {active.version} is kept in PostgreSQL, but this server's "
+                "store is not PostgreSQL: rebuild the index.",
+                "index_unavailable",
+            )
+        if not active.chunk_count:
+            return None
+        table = str(active.artifacts["table"])
+        documents: list[str] | None = None
+        allowed_chunks: int | None = None
+        if filters:
+            fields = await asyncio.to_thread(self.kbs.document_fields, kb_id)
+            chosen = [doc for doc in fields if matches(filters, doc)]
+            if not chosen:
+                return None
+            documents = [doc["document_id"] for doc in chosen]
+            allowed_chunks = sum(doc["chunk_count"] for doc in chosen)
+        dense: list[Hit] = []
+        lexical: list[Hit] = []
+        if mode in ("dense", "hybrid"):
+            embedder = Embedder(active.embedder, project_id, self.kbs.remote_embed)
+            vector = (await embedder.embed([query]))[0]
+            dense = await asyncio.to_thread(
+                pg.dense,
+                table,
+                active.version,
+                vector,
+                depth,
+                hnsw=active.vector_kind == "hnsw",
+                documents=documents,
+                allowed_chunks=allowed_chunks,
+                total_chunks=active.chunk_count,
+            )
+        if mode in ("bm25", "hybrid"):
+            lexical = await asyncio.to_thread(
+                pg.keyword, table, active.version, query, depth, documents=documents
+            )
+        wanted = {h.id for h in dense} | {h.id for h in lexical}
+        chunks = await asyncio.to_thread(self.kbs.chunk_table, kb_id, wanted) if wanted else {}
+        # A chunk deleted since the ranking (its row went with it) is left out, as on FAISS.
+        dense = [h for h in dense if h.id in chunks]
+        lexical = [h for h in lexical if h.id in chunks]
+        return dense, lexical, chunks
 
     async def _rerank(
         self, project_id: str, settings: KbSettings, query: str, hits: list[dict[str, Any]]

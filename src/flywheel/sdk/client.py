@@ -525,6 +525,21 @@ class Client:
         response = self._send(request, stream=True)
         return _events(response)
 
+    def route_cache(self, route: str) -> dict[str, Any]:
+        """A route's response cache in this project: ``enabled``, ``config``, ``hits``,
+        ``misses``, ``bypassed``, ``hit_rate`` (None before any lookup) and ``entries``."""
+        data: dict[str, Any] = self._request("GET", _path("api", "routes", route, "cache"))
+        return data
+
+    def clear_route_cache(self, route: str, *, all_projects: bool = False) -> dict[str, Any]:
+        """Drop a route's cached answers in this project (``all_projects``: every project,
+        instance admins only); returns ``{"removed": n, ...}``."""
+        params = {"all_projects": "true"} if all_projects else None
+        data: dict[str, Any] = self._request(
+            "DELETE", _path("api", "routes", route, "cache"), params=params
+        )
+        return data
+
     def _send(self, request: httpx.Request, *, stream: bool = False) -> httpx.Response:
         try:
             response = self._http.send(request, stream=stream)

@@ -1,4 +1,8 @@
-"""API keys: generated once, shown once, stored as SHA-256, verified with a short cache."""
+"""API keys: generated once, shown once, stored as SHA-256, verified with a short cache.
+
+Replicas share the cache's invalidations: a change to access bumps a generation stored in
+the database, and every replica drops its cached verifications within about a second of
+seeing it change."""
 
 from __future__ import annotations
 
@@ -10,13 +14,18 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from flywheel.security.rbac import ROLE_RANK, ROLES
 from flywheel.store import ApiKey, Database, RoleBinding, User
+from flywheel.store.db import changed_rows
+from flywheel.store.models import SharedState
 
 KEY_PREFIX = "fw-"
+# The shared_state row whose value changes with every change to access (any replica's).
+GENERATION_KEY = "access.generation"
 
 
 def generate_key() -> str:
@@ -107,13 +116,20 @@ def _effective(session: Session, record: ApiKey) -> AuthenticatedKey | None:
 class ApiKeyStore:
     """Creates and verifies keys. Verified keys are cached for ``cache_seconds`` so the hot
     path of the gateway does not read the database on every request; revoking a key (or any
-    change to access) clears the cache in this process."""
+    change to access) clears the cache in this process, and in every other replica once it
+    next reads the shared generation (every ``generation_seconds``)."""
 
-    def __init__(self, db: Database, cache_seconds: float = 30.0) -> None:
+    def __init__(
+        self, db: Database, cache_seconds: float = 30.0, generation_seconds: float = 1.0
+    ) -> None:
         self.db = db
         self.cache_seconds = cache_seconds
+        self.generation_seconds = generation_seconds
         self._cache: dict[str, tuple[float, AuthenticatedKey | None]] = {}
         self._lock = threading.Lock()
+        # The shared generation last read, and when the cache must read it again.
+        self._generation: str | None = None
+        self._generation_due = 0.0
 
     def new_record(
         self,
@@ -176,9 +192,43 @@ class ApiKeyStore:
         return raw
 
     def forget_cached(self) -> None:
-        """Drop every cached verification (after a revocation or a role change)."""
+        """Drop every cached verification (after a revocation or a role change), here and,
+        through the shared generation, on every replica."""
         with self._lock:
             self._cache.clear()
+        token = uuid.uuid4().hex
+        try:
+            with self.db.session() as session:
+                changed = session.execute(
+                    update(SharedState).where(SharedState.key == GENERATION_KEY).values(value=token)
+                )
+                if changed_rows(changed) == 0:
+                    session.add(
+                        SharedState(
+                            key=GENERATION_KEY, value=token, created_at=time.time(), expires_at=None
+                        )
+                    )
+        except IntegrityError:
+            # Another replica created the row at the same moment: change it after all.
+            with self.db.session() as session:
+                session.execute(
+                    update(SharedState).where(SharedState.key == GENERATION_KEY).values(value=token)
+                )
+
+    def _follow_generation(self) -> None:
+        """Drop the cache when another replica changed access since the last look (called
+        off the event loop, at most every ``generation_seconds``)."""
+        now = time.monotonic()
+        if now < self._generation_due:
+            return
+        with self.db.session() as session:
+            row = session.get(SharedState, GENERATION_KEY)
+            current = row.value if row is not None else None
+        with self._lock:
+            if current != self._generation:
+                self._cache.clear()
+                self._generation = current
+            self._generation_due = now + self.generation_seconds
 
     def revoke(self, key_id: str) -> bool:
         with self.db.session() as session:
@@ -206,15 +256,19 @@ class ApiKeyStore:
 
     def cached(self, raw: str) -> AuthenticatedKey | None:
         """The key's identity if it was verified recently; None means "ask :meth:`verify`"."""
+        now = time.monotonic()
         with self._lock:
+            if now >= self._generation_due:
+                return None  # time to look for changes made elsewhere: verify() does
             hit = self._cache.get(hash_key(raw))
-        if hit is None or hit[0] <= time.monotonic():
+        if hit is None or hit[0] <= now:
             return None
         key = hit[1]
         return None if key is None or key.expired() else key
 
     def verify(self, raw: str) -> AuthenticatedKey | None:
         """The key's identity, or None for an unknown, revoked or expired key."""
+        self._follow_generation()
         digest = hash_key(raw)
         now = time.monotonic()
         with self._lock:

@@ -22,6 +22,7 @@ from flywheel.server.http import validation_error
 from flywheel.server.routers import (
     access,
     api,
+    cache,
     config,
     datasets,
     evals,
@@ -93,6 +94,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(openai.router)
     app.include_router(otlp.router)
     app.include_router(api.router)
+    app.include_router(cache.router)
     app.include_router(access.router)
     app.include_router(prompts.router)
     app.include_router(config.router)

@@ -40,6 +40,10 @@ POLICY: dict[tuple[str, str], Permission] = {
     ("GET", "/api/stats"): P.TRACES_READ,
     ("GET", "/api/costs"): P.COSTS_READ,
     ("GET", "/api/routes"): P.CONFIG_READ,
+    # A route's response cache in the caller's project (purging all projects: instance
+    # admins, checked by the handler).
+    ("GET", "/api/routes/{route}/cache"): P.CONFIG_READ,
+    ("DELETE", "/api/routes/{route}/cache"): P.MONITOR_WRITE,
     ("GET", "/api/models"): P.CONFIG_READ,
     # Flywheel API: prompts and approvals.
     ("GET", "/api/prompts"): P.PROMPTS_READ,
@@ -182,6 +186,7 @@ POLICY: dict[tuple[str, str], Permission] = {
     ("GET", "/traces"): P.TRACES_READ,
     ("GET", "/traces/{trace_id}"): P.TRACES_READ,
     ("GET", "/routes"): P.CONFIG_READ,
+    ("POST", "/routes/{route}/cache/purge"): P.MONITOR_WRITE,
     ("GET", "/costs"): P.COSTS_READ,
     ("GET", "/access"): P.MEMBERS_MANAGE,
     ("POST", "/access/members"): P.MEMBERS_MANAGE,

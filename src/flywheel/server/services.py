@@ -5,10 +5,8 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-import secrets
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import yaml
@@ -29,6 +27,7 @@ from flywheel.gateway import (
     Gateway,
     GatewayError,
 )
+from flywheel.gateway.cache import RouteCache, make_cache_store
 from flywheel.gateway.limits import BudgetAlert, Limiter, Limits, Subject, make_limiter
 from flywheel.jobs import JobError, JobStore, JobSupervisor, job_kind, job_kinds, local_launcher
 from flywheel.jobs.supervisor import Launcher
@@ -49,6 +48,7 @@ from flywheel.security import AccessService, ApiKeyStore, Principal
 from flywheel.security.approvals import ApprovalService
 from flywheel.security.audit import AuditLog
 from flywheel.security.secrets import SecretBox, SecretStore, load_master_key
+from flywheel.security.sessions import SessionStore
 from flywheel.security.throttle import LoginThrottle
 from flywheel.server.configuration import ConfigService
 from flywheel.server.pipeline_host import GatewayPipelineHost
@@ -65,16 +65,6 @@ from flywheel.tuning.runs import RunTracker
 log = logging.getLogger("flywheel.server")
 # Span attributes of calls the server makes on a project's behalf (reranks, embeddings).
 INTERNAL_CALL = {"flywheel.internal": True}
-
-
-def session_secret(home: Path) -> str:
-    """The secret that signs UI session cookies, created once per home (mode 0600)."""
-    path = home / "session.secret"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.touch(mode=0o600)
-        path.write_text(secrets.token_urlsafe(48))
-    return path.read_text().strip()
 
 
 def _with_stored_provider_keys(config: FlywheelConfig, store: SecretStore) -> FlywheelConfig:
@@ -151,6 +141,7 @@ class Services:
     limiter: Limiter
     gateway: Gateway
     secret: str
+    sessions: SessionStore
     datasets: DatasetStore
     feedback: FeedbackStore
     suites: EvalSuites
@@ -349,6 +340,9 @@ class Services:
             project_id=project_id,
             limit_subjects=await self.project_limit_subjects(project_id),
             attributes=attributes or {"flywheel.eval": True},
+            # Evals and judges measure the route's models: never a cached answer.
+            cache_lookup=False,
+            cache_store=False,
         )
         try:
             response = await self.gateway.chat(request, ctx)
@@ -402,6 +396,7 @@ class Services:
         audit = AuditLog(db)
         master_key = settings.master_key.get_secret_value() if settings.master_key else None
         secrets_store = SecretStore(db, SecretBox(load_master_key(home, master_key)))
+        sessions = SessionStore(db, secrets_store.box, settings.redis_url)
         config = _with_stored_provider_keys(config, secrets_store)
         admin_key = settings.admin_key.get_secret_value() if settings.admin_key else None
         new_admin_key = keys.ensure_admin(admin_key)
@@ -479,8 +474,13 @@ class Services:
                 prompts=prompts.resolve,
                 deadline=settings.request_deadline,
                 metrics=metrics,
+                # Answers of routes with a ``cache:`` block: shared through Redis when set.
+                cache=RouteCache(make_cache_store(settings.redis_url)),
             ),
-            secret=session_secret(home),
+            secret=sessions.secret,
+            sessions=sessions,
+            account_throttle=sessions.login_throttle("account", 10),
+            address_throttle=sessions.login_throttle("address", 50),
             new_admin_key=new_admin_key,
             datasets=DatasetStore(db, audit),
             feedback=FeedbackStore(db, traces),
@@ -675,6 +675,10 @@ class Services:
 
     async def _preload_models(self) -> None:
         await self.providers.preload()
+        if any(r.cache is not None and r.cache.mode == "semantic" for r in self.config.routes):
+            from flywheel.providers.minilm import load_minilm
+
+            await asyncio.to_thread(load_minilm)  # the semantic cache's embedder
         for policy in self.gateway.policies.values():
             try:
                 await asyncio.to_thread(policy.warm)
@@ -693,6 +697,8 @@ class Services:
         await self.evals.close()
         await self.providers.aclose()
         await self.limiter.aclose()
+        await self.gateway.cache.aclose()
+        self.sessions.close()
         self.writer.close()
         if self.exporter is not None:
             await asyncio.to_thread(self.exporter.close)

@@ -820,3 +820,15 @@ class ModelAlias(Base):
     version_id: Mapped[str] = mapped_column(ForeignKey("model_versions.id", ondelete="CASCADE"))
     updated_at: Mapped[float] = mapped_column(Float)
     updated_by: Mapped[str] = mapped_column(String(200))
+
+
+class SharedState(Base):
+    """Small values every replica must agree on (e.g. the UI session secret, revoked UI
+    sessions); a row with ``expires_at`` in the past no longer counts."""
+
+    __tablename__ = "shared_state"
+
+    key: Mapped[str] = mapped_column(String(200), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[float] = mapped_column(Float)
+    expires_at: Mapped[float | None] = mapped_column(Float, nullable=True, index=True)

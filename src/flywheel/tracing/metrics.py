@@ -1,5 +1,6 @@
-"""Prometheus metrics of the gateway: requests, latency, tokens, cost, guard hits, and the
-depth of the queues behind it (trace writer, local batcher, online judging).
+"""Prometheus metrics of the gateway: requests, latency, tokens, cost, guard hits, response
+cache results, and the depth of the queues behind it (trace writer, local batcher, online
+judging).
 
 Each server builds its own :class:`GatewayMetrics` on its own registry, so several apps in one
 process (tests, embedded use) never collide; ``/metrics`` renders that registry.
@@ -83,6 +84,18 @@ class GatewayMetrics:
             ("route", "guard", "stage", "action"),
             registry=self.registry,
         )
+        self.cache_results = Counter(
+            "flywheel_cache_requests",
+            "Calls on cached routes by route and result (hit, miss or bypass).",
+            ("route", "result"),
+            registry=self.registry,
+        )
+        self.cache_errors = Counter(
+            "flywheel_cache_errors",
+            "Response cache store failures by operation (each one served as a miss).",
+            ("operation",),
+            registry=self.registry,
+        )
         self._queues = _Queues()
         self.registry.register(self._queues)
 
@@ -101,6 +114,11 @@ class GatewayMetrics:
             self.latency.labels(route).observe(span["latency_ms"] / 1000)
         if span.get("ttft_ms") is not None:
             self.ttft.labels(route).observe(span["ttft_ms"] / 1000)
+        cache = (span.get("attributes") or {}).get("flywheel.cache")
+        if cache is not None:
+            self.cache_results.labels(route, str(cache)).inc()
+            if cache == "hit":
+                return  # a served copy: no model processed tokens or cost anything
         for kind in ("prompt", "completion"):
             tokens = span.get(f"{kind}_tokens")
             if tokens:
@@ -110,6 +128,10 @@ class GatewayMetrics:
 
     def guard_hit(self, route: str, guard: str, stage: str, action: str) -> None:
         self.guard_hits.labels(route, guard, stage, action).inc()
+
+    def cache_error(self, operation: str) -> None:
+        """Count a response cache store failure (get, search, put, count)."""
+        self.cache_errors.labels(operation).inc()
 
     def render(self) -> bytes:
         """The exposition text of every metric."""

@@ -35,6 +35,7 @@ from flywheel.ui.session import (
     csrf_token,
     end_session,
     login_redirect,
+    revoke_session,
     safe_next,
     session_principal,
     start_session,
@@ -272,10 +273,12 @@ async def login(request: Request) -> Response:
 
 @router.post("/logout")
 def logout(request: Request) -> Response:
-    """End the session and return to the login page."""
+    """End the session (on every replica: its id is revoked, not just its cookie removed)
+    and return to the login page."""
     if _cross_site(request):
         return Response(status_code=403)
     response = RedirectResponse("/login", status_code=303)
+    revoke_session(request)
     end_session(request, response)
     return response
 
@@ -423,10 +426,54 @@ def trace_detail(
 # -- serve: routes and models ----------------------------------------------------------------
 
 
+async def _cache_stats(svc: Services, route: str, project_id: str) -> dict[str, Any] | None:
+    """A cached route's hit rate in the project (None when its store cannot answer)."""
+    try:
+        return await svc.gateway.cache.stats(route, project_id)
+    except Exception:
+        return None
+
+
 @router.get("/routes")
-def routes_page(request: Request, _: Principal = Depends(ui_authorize)) -> Response:
-    """The configured routes and the model catalog with each model's readiness."""
+async def routes_page(request: Request, user: Principal = Depends(ui_authorize)) -> Response:
+    """The configured routes (with each cached route's hit rate in the project) and the
+    model catalog with each model's readiness."""
+    return render(request, "routes.html", await _routes_context(services(request), user))
+
+
+@router.post("/routes/{route}/cache/purge")
+async def purge_route_cache(
+    request: Request, route: str, user: Principal = Depends(ui_authorize)
+) -> Response:
+    """Drop the route's cached answers in the session's project (audited)."""
     svc = services(request)
+    status, notice, error = 200, None, None
+    if not any(r.name == route for r in svc.config.routes):
+        status, error = 404, f"No route '{route}'."
+    else:
+        try:
+            removed = await svc.gateway.cache.purge(route, user.project_id)
+        except Exception:
+            status, error = 503, "The response cache store cannot be reached; retry shortly."
+        else:
+            await run_in_threadpool(
+                svc.audit.record,
+                actor=user.actor,
+                action="route.cache_purge",
+                resource_type="route",
+                resource_id=route,
+                project_id=user.project_id,
+                after={"removed": removed, "all_projects": False},
+            )
+            answers = "answer" if removed == 1 else "answers"
+            notice = f"Removed {removed} cached {answers} of route '{route}' in this project."
+    context = await _routes_context(svc, user)
+    return render(
+        request, "routes.html", {**context, "notice": notice, "error": error}, status_code=status
+    )
+
+
+async def _routes_context(svc: Services, user: Principal) -> dict[str, Any]:
     routes = []
     for route in svc.config.routes:
         total_weight = sum(t.weight for t in route.targets)
@@ -441,6 +488,9 @@ def routes_page(request: Request, _: Principal = Depends(ui_authorize)) -> Respo
                     }
                     for t in route.targets
                 ],
+                "cache": await _cache_stats(svc, route.name, user.project_id)
+                if route.cache is not None
+                else None,
             }
         )
     catalog = [
@@ -453,4 +503,4 @@ def routes_page(request: Request, _: Principal = Depends(ui_authorize)) -> Respo
         }
         for m in svc.config.models
     ]
-    return render(request, "routes.html", {"nav": "routes", "routes": routes, "catalog": catalog})
+    return {"nav": "routes", "routes": routes, "catalog": catalog, "notice": None, "error": None}

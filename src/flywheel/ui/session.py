@@ -3,6 +3,9 @@
 The cookie holds ids only, never a key or password, and is re-checked on every request, so
 revoking a key, disabling a user or removing a membership ends their sessions at once.
 Every state-changing form carries a CSRF token derived from the session's nonce.
+
+Replicas share what sessions need (:mod:`flywheel.security.sessions`): the signing secret
+is stored once in the database, and a logout revokes the session id on every replica.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ CSRF_FIELD = "csrf_token"
 CSRF_HEADER = "x-csrf-token"
 MAX_AGE_SECONDS = 12 * 3600
 _SALT = "flywheel.ui.session"
+# Where a request keeps its checked session (see session_data).
+_CHECKED = "flywheel_session_checked"
 
 
 class LoginRequired(Exception):
@@ -77,15 +82,24 @@ def _requested_page(request: Request) -> str:
 
 
 def session_data(request: Request) -> dict[str, Any] | None:
-    """The session cookie's contents, if its signature and age are valid."""
+    """The session cookie's contents, if its signature and age are valid and it was not
+    ended by a logout (on any replica)."""
     token = request.cookies.get(COOKIE_NAME)
     if not token:
         return None
+    # A page asks several times (principal, CSRF token): check the revocation once.
+    known: tuple[str, dict[str, Any] | None] | None = getattr(request.state, _CHECKED, None)
+    if known is not None and known[0] == token:
+        return known[1]
     try:
         data: Any = _serializer(request).loads(token, max_age=MAX_AGE_SECONDS)
     except BadSignature:
         return None
-    return data if isinstance(data, dict) and isinstance(data.get("sid"), str) else None
+    if not isinstance(data, dict) or not isinstance(data.get("sid"), str):
+        return None
+    valid = None if services(request).sessions.revocations.is_revoked(data["sid"]) else data
+    setattr(request.state, _CHECKED, (token, valid))
+    return valid
 
 
 def session_principal(request: Request) -> Principal | None:
@@ -204,6 +218,15 @@ def end_session(request: Request, response: Response) -> None:
         samesite="lax",
         secure=services(request).settings.cookie_secure,
     )
+
+
+def revoke_session(request: Request) -> None:
+    """End the request's session on every replica (a logout): its cookie, even if kept or
+    copied, is refused from now on."""
+    data = session_data(request)
+    if data is not None:
+        services(request).sessions.revocations.revoke(data["sid"], MAX_AGE_SECONDS)
+        setattr(request.state, _CHECKED, None)
 
 
 def login_redirect(request: Request, exc: LoginRequired) -> Response:

@@ -10,6 +10,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from flywheel.gateway import CallContext, ChatCompletionRequest, EmbeddingRequest, GatewayError
+from flywheel.gateway.cache import CACHE_HEADER, cache_directives
 from flywheel.server.http import (
     ERROR_RESPONSES,
     UPSTREAM_RESPONSES,
@@ -52,17 +53,23 @@ async def chat_completions(request: Request) -> Any:
     """Chat completions, JSON or server-sent events (``"stream": true``)."""
     body = await read_json(request, ChatCompletionRequest)
     ctx = await gateway_context(request)
+    ctx.cache_lookup, ctx.cache_store = cache_directives(request.headers)
     gateway = services(request).gateway
     headers = {TRACE_HEADER: ctx.trace_id}
     with _traced_errors(ctx):
         if body.stream:
             events = await gateway.stream_chat(body, ctx)
+            if ctx.cache_status:
+                headers[CACHE_HEADER] = ctx.cache_status
             return StreamingResponse(
                 events,
                 media_type="text/event-stream",
                 headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
-        return JSONResponse(await gateway.chat(body, ctx), headers=headers)
+        response = await gateway.chat(body, ctx)
+        if ctx.cache_status:
+            headers[CACHE_HEADER] = ctx.cache_status
+        return JSONResponse(response, headers=headers)
 
 
 @router.post("/embeddings", openapi_extra=json_body(EmbeddingRequest), responses=UPSTREAM_RESPONSES)
