@@ -619,6 +619,89 @@ def prompts_render(
         console.print(message["content"], markup=False, highlight=False)
 
 
+@prompts_app.command("optimize")
+def prompts_optimize(
+    name: str,
+    dataset: Annotated[str, typer.Option(help="Dataset NAME or NAME@VERSION to score on.")],
+    scorer: Annotated[str, typer.Option(help="Scorer (e.g. exact_match, contains).")],
+    variants: Annotated[int, typer.Option(help="Variants proposed per round.")] = 3,
+    rounds: Annotated[int, typer.Option(help="Rounds of proposals.")] = 1,
+    proposer: Annotated[str, typer.Option(help="Route or model that proposes.")] = "default",
+    base: Annotated[
+        str | None, typer.Option(help="Version or label to improve (default: latest).")
+    ] = None,
+    instructions: Annotated[
+        str | None, typer.Option(help="Extra guidance for the proposer.")
+    ] = None,
+    wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Follow the job.")] = False,
+    logs: Annotated[bool, typer.Option("--logs", help="With --wait: print its log.")] = False,
+    url: UrlOption = DEFAULT_URL,
+    api_key: KeyOption = None,
+    project: ProjectOption = None,
+) -> None:
+    """Have an LLM propose better templates for NAME, score them on a dataset, and store
+    the best one that beats the current version as a new version (no label moves)."""
+    from flywheel.cli.jobs import follow
+
+    with _client(url, api_key, project) as client:
+        job = _sdk_call(
+            client.prompts.optimize,
+            name,
+            dataset=dataset,
+            scorer=scorer,
+            variants=variants,
+            rounds=rounds,
+            proposer=proposer,
+            base=base,
+            instructions=instructions,
+        )
+        console.print(f"job {job['id']} queued (prompt.optimize)")
+        if not wait:
+            return
+        final = follow(client, job, logs=logs)
+    _print_optimize(final.get("result") or {})
+
+
+def _print_optimize(result: dict[str, Any]) -> None:
+    """The comparison table of a prompt.optimize job's result and its outcome."""
+    from flywheel.cli.common import _fmt
+
+    scorer = result.get("scorer", "score")
+    table = Table("candidate", scorer, "95% CI", "delta", "p", "W/T/L", "")
+    base = result.get("baseline") or {}
+    if base:
+        table.add_row(
+            base.get("name", "baseline"),
+            _fmt(base.get("mean")),
+            f"[{_fmt(base.get('low'))}, {_fmt(base.get('high'))}]",
+            "",
+            "",
+            "",
+            "",
+        )
+    for row in result.get("variants") or []:
+        paired = row.get("comparison") or {}
+        table.add_row(
+            row["name"],
+            _fmt(row.get("mean")),
+            f"[{_fmt(row.get('low'))}, {_fmt(row.get('high'))}]",
+            _fmt(paired.get("delta")),
+            _fmt(paired.get("p_value")),
+            f"{paired.get('wins')}/{paired.get('ties')}/{paired.get('losses')}",
+            "[green]beats baseline[/]" if row.get("beats_baseline") else "",
+        )
+    console.print(table)
+    for dropped in result.get("dropped") or []:
+        console.print(f"{dropped['name']} dropped: {dropped['reason']}", markup=False)
+    if result.get("new_version") is not None:
+        console.print(
+            f"{result['prompt']} v{result['new_version']} created from {result.get('best')} "
+            "(no label moved)"
+        )
+    else:
+        console.print("no variant beat the baseline: no version created")
+
+
 @app.command("apply")
 def apply_command(
     file: Annotated[Path, typer.Option("--file", "-f", help="The config file.")] = Path(

@@ -79,6 +79,13 @@ class Settings(BaseSettings):
     preload_models: bool = Field(default=True, description="Load local models at start-up.")
     trace_flush_seconds: float = Field(default=0.2, gt=0)
     trace_batch_size: int = Field(default=1000, ge=1)
+    trace_buffer_spans: int = Field(
+        default=100_000,
+        ge=1,
+        description="Most span and score rows held in memory for the trace writer (the batch "
+        "being written included) while the database is slow or down; when full the oldest are "
+        "dropped and counted.",
+    )
     access_log: bool = Field(
         default=False, description="uvicorn access log (traces record every call)."
     )

@@ -335,6 +335,45 @@ class Prompts:
         data: dict[str, Any] = self._client._request("POST", "/api/approvals", json=body)
         return data
 
+    def optimize(
+        self,
+        name: str,
+        *,
+        dataset: str,
+        scorer: str | dict[str, Any],
+        variants: int | None = None,
+        rounds: int | None = None,
+        proposer: str | None = None,
+        base: str | int | None = None,
+        instructions: str | None = None,
+        wait: bool = False,
+        timeout: float | None = None,
+    ) -> dict[str, Any]:
+        """Start a ``prompt.optimize`` job: the ``proposer`` route (default ``default``)
+        proposes ``variants`` templates per round from ``base`` (default the latest version)
+        and its failures on ``dataset`` (``NAME`` or ``NAME@N``), each is scored with
+        ``scorer``, and the best one that beats the base becomes a new version (no label
+        moves). Returns the job, or with ``wait`` the finished job, whose ``result`` holds
+        ``new_version`` (None when no variant won) and the comparison."""
+        params: dict[str, Any] = {"prompt": name, "dataset": dataset, "scorer": scorer}
+        optional = {
+            "variants": variants,
+            "rounds": rounds,
+            "proposer": proposer,
+            "base": None if base is None else str(base),
+            "instructions": instructions,
+        }
+        params.update({k: v for k, v in optional.items() if v is not None})
+        job: dict[str, Any] = self._client._request(
+            "POST", "/api/jobs", json={"kind": "prompt.optimize", "params": params}
+        )
+        if not wait:
+            return job
+        try:
+            return self._client.jobs.wait(job["id"], timeout=timeout)
+        finally:
+            self.invalidate(name)
+
 
 class Approvals:
     """Approval requests for protected labels: ``client.approvals``."""

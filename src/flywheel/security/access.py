@@ -17,7 +17,7 @@ from typing import Any
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 
 from flywheel.errors import ServiceError
 from flywheel.security.audit import AuditLog
@@ -112,9 +112,14 @@ class AccessService:
         hit = self._project_limits.get(project_id)
         if hit is not None and hit[0] > time.monotonic():
             return hit[1]
-        with self.db.session() as session:
-            project = session.get(Project, project_id)
-            limits = project.limits if project is not None else None
+        try:
+            with self.db.session() as session:
+                project = session.get(Project, project_id)
+                limits = project.limits if project is not None else None
+        except OperationalError:
+            if hit is None:
+                raise
+            return hit[1]  # the database is down: the limits last read still hold
         self._project_limits[project_id] = (time.monotonic() + 5.0, limits)
         return limits
 

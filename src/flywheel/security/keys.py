@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
 from flywheel.security.rbac import ROLE_RANK, ROLES
@@ -221,9 +221,14 @@ class ApiKeyStore:
         now = time.monotonic()
         if now < self._generation_due:
             return
-        with self.db.session() as session:
-            row = session.get(SharedState, GENERATION_KEY)
-            current = row.value if row is not None else None
+        try:
+            with self.db.session() as session:
+                row = session.get(SharedState, GENERATION_KEY)
+                current = row.value if row is not None else None
+        except OperationalError:
+            with self._lock:
+                self._generation_due = now + 1.0
+            return
         with self._lock:
             if current != self._generation:
                 self._cache.clear()
@@ -276,9 +281,17 @@ class ApiKeyStore:
         if cached is not None and cached[0] > now:
             found = cached[1]
         else:
-            with self.db.session() as session:
-                record = session.scalars(select(ApiKey).where(ApiKey.key_hash == digest)).first()
-                found = _effective(session, record) if record is not None else None
+            try:
+                with self.db.session() as session:
+                    query = select(ApiKey).where(ApiKey.key_hash == digest)
+                    record = session.scalars(query).first()
+                    found = _effective(session, record) if record is not None else None
+            except OperationalError:
+                # The database is down: a key verified before keeps working (one revoked
+                # meanwhile too, until the database is back) rather than every call failing.
+                if cached is None:
+                    raise
+                found = cached[1]
             with self._lock:
                 if len(self._cache) > 10_000:
                     self._cache.clear()

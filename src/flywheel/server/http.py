@@ -10,7 +10,9 @@ from typing import Any, TypeVar
 from fastapi import Request
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ValidationError
+from sqlalchemy.exc import OperationalError
 from starlette.datastructures import FormData
+from starlette.routing import Match
 
 from flywheel.errors import ServiceError
 from flywheel.gateway import CallContext, GatewayError
@@ -278,7 +280,10 @@ async def authenticate(request: Request) -> Principal:
     # Verified keys are cached in memory; only a cache miss reads the database.
     key = svc.keys.cached(token)
     if key is None:
-        key = await asyncio.to_thread(svc.keys.verify, token)
+        try:
+            key = await asyncio.to_thread(svc.keys.verify, token)
+        except OperationalError:
+            raise database_unavailable() from None
     if key is None:
         raise GatewayError(
             401,
@@ -360,3 +365,30 @@ def principal(request: Request) -> Principal:
     """The principal :func:`authorize` stored on the request."""
     found: Principal = request.state.principal
     return found
+
+
+def database_unavailable() -> GatewayError:
+    """The 503 for a request that needs the database while it is unreachable (an outage, a
+    failover): clients retry after the ``Retry-After`` seconds, nothing was changed."""
+    return GatewayError(
+        503,
+        "The database is unavailable; retry shortly.",
+        code="database_unavailable",
+        headers={"Retry-After": "2"},
+    )
+
+
+def allowed_methods(request: Request) -> str:
+    """The ``Allow`` header of a 405: the methods of every route matching the request's path.
+
+    Starlette's router answers 405 with the first matching route's methods only, although
+    FastAPI registers ``GET`` and ``POST`` of one path as two routes."""
+    methods: set[str] = set()
+    scope = {**request.scope, "method": "OPTIONS"}  # no route takes OPTIONS: a partial match
+    for route in request.app.router.routes:
+        match, _ = route.matches(scope)
+        if match is not Match.NONE:
+            methods |= set(getattr(route, "methods", None) or ())
+    if "GET" in methods:
+        methods.add("HEAD")
+    return ", ".join(sorted(methods))

@@ -198,6 +198,7 @@ POLICY: dict[tuple[str, str], Permission] = {
     ("POST", "/prompts"): P.PROMPTS_WRITE,
     ("GET", "/prompts/{name}"): P.PROMPTS_READ,
     ("POST", "/prompts/{name}/labels"): P.PROMPTS_WRITE,
+    ("POST", "/prompts/{name}/optimize"): P.PROMPTS_WRITE,
     ("GET", "/playground"): P.PROMPTS_READ,
     ("POST", "/playground/run"): P.GATEWAY_CALL,
     ("POST", "/playground/save"): P.PROMPTS_WRITE,

@@ -4,9 +4,14 @@ The requested ``model`` picks the behaviour, so one server plays every failure:
 
 - ``echo``: answers ``echo: <last user message>`` (streams word by word when asked).
 - ``fail-500``: HTTP 500.  ``rate-limit``: HTTP 429 with ``Retry-After: 1``.
-- ``hang``: waits 60 s before answering (for timeouts).
+- ``rate-limit-long``: HTTP 429 with ``Retry-After: 120`` (longer than a route would wait).
+- ``hang``: waits 60 s before answering (for timeouts), streamed or not.
+- ``reset``: resets the TCP connection (RST) without answering anything.
 - ``cut-stream``: streams two chunks, then drops the connection without ``[DONE]``.
+- ``stall-stream``: streams two chunks, then goes silent for 60 s (a timeout mid-stream).
 - ``garbage``: HTTP 200 whose body is not JSON (or an SSE line that is not JSON).
+- ``garbage-stream``: streams two chunks, then a ``data:`` line that is not JSON.
+- ``no-choices``: HTTP 200 with a JSON object that is not a completion (no ``choices``).
 - ``flaky-N``: HTTP 503 for the first N calls carrying the same ``user`` field, then echoes.
 
 ``GET /calls`` returns how many calls each model received (``DELETE /calls`` resets it).
@@ -18,6 +23,7 @@ import asyncio
 import json
 import re
 import socket
+import struct
 import threading
 import time
 import uuid
@@ -71,6 +77,24 @@ class _DropConnection(Exception):
     """Raised inside a streaming body to make the server abort the connection."""
 
 
+# Streamed models that misbehave after their second chunk, and how.
+_MID_STREAM_FAULTS = {"cut-stream": "cut", "stall-stream": "stall", "garbage-stream": "garbage"}
+
+
+async def _reset_connection(request: Request) -> None:
+    """Abort the request's TCP connection with a RST, as a crashed or overloaded peer (or a
+    middlebox) does. uvicorn hands the app its own ``receive``, whose owner holds the
+    transport; linger 0 turns the close into a reset."""
+    transport = getattr(getattr(request.receive, "__self__", None), "transport", None)
+    if transport is None:
+        raise RuntimeError("the fake upstream's 'reset' needs uvicorn")
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()
+    await asyncio.sleep(0.05)  # let uvicorn see the disconnect before the app returns
+
+
 def create_upstream_app() -> Starlette:
     """The upstream as an ASGI app; ``app.state.calls`` counts calls per model."""
     calls: Counter[str] = Counter()
@@ -86,12 +110,18 @@ def create_upstream_app() -> Starlette:
         stream = bool(body.get("stream"))
         if model == "fail-500":
             return JSONResponse({"error": {"message": "upstream exploded"}}, status_code=500)
-        if model == "rate-limit":
+        if model in ("rate-limit", "rate-limit-long"):
+            wait = "1" if model == "rate-limit" else "120"
             return JSONResponse(
-                {"error": {"message": "slow down"}}, status_code=429, headers={"Retry-After": "1"}
+                {"error": {"message": "slow down"}}, status_code=429, headers={"Retry-After": wait}
             )
         if model == "hang":
             await asyncio.sleep(60)
+        if model == "reset":
+            await _reset_connection(request)
+            return Response(status_code=204)  # never sent: the connection is gone
+        if model == "no-choices":
+            return JSONResponse({"object": "chat.completion", "result": "not what you want"})
         if model == "garbage":
             if stream:
                 return StreamingResponse(
@@ -112,12 +142,12 @@ def create_upstream_app() -> Starlette:
         if not stream:
             return JSONResponse(_completion(model, text, len(prompt.split())))
         return StreamingResponse(
-            _stream(model, text, len(prompt.split()), cut=model == "cut-stream", body=body),
+            _stream(model, text, len(prompt.split()), _MID_STREAM_FAULTS.get(model), body),
             media_type="text/event-stream",
         )
 
     async def _stream(
-        model: str, text: str, prompt_words: int, cut: bool, body: dict[str, Any]
+        model: str, text: str, prompt_words: int, fault: str | None, body: dict[str, Any]
     ) -> AsyncIterator[bytes]:
         base = {
             "id": f"chatcmpl-{uuid.uuid4().hex}",
@@ -132,8 +162,13 @@ def create_upstream_app() -> Starlette:
         for i, word in enumerate(words):
             piece = word if i == 0 else " " + word
             yield _sse({**base, "choices": [{"index": 0, "delta": {"content": piece}}]})
-            if cut and i == 1:
-                raise _DropConnection
+            if fault is not None and i == 1:
+                if fault == "cut":
+                    raise _DropConnection
+                if fault == "stall":
+                    await asyncio.sleep(60)
+                if fault == "garbage":
+                    yield b'data: {"choices": [oops\n\n'
         yield _sse({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
         if (body.get("stream_options") or {}).get("include_usage"):
             completion = len(text.split())

@@ -269,6 +269,7 @@ def _prompt_context(
         if a["resource_type"] == "prompt" and a["name"] == name
     ]
     summary = next((p for p in svc.prompts.overview(user.project_id) if p["name"] == name), {})
+    optimize_form = {**OPTIMIZE_DEFAULTS, **extra.pop("optimize_form", {})}
     form = {
         "label": "",
         "version": str(versions[0].version) if versions else "",
@@ -291,9 +292,52 @@ def _prompt_context(
         "error": None,
         "notice": None,
         "requested": None,
+        "optimize_form": optimize_form,
+        "optimize_runs": optimize_runs(svc, user.project_id, name),
+        "scorer_choices": OPTIMIZE_SCORERS,
         **diff,
         **extra,
     }
+
+
+# -- optimisation (the prompt.optimize job) ---------------------------------------------------
+
+OPTIMIZE_KIND = "prompt.optimize"
+OPTIMIZE_DEFAULTS = {
+    "dataset": "",
+    "scorer": "exact_match",
+    "variants": "3",
+    "rounds": "1",
+    "proposer": "default",
+    "instructions": "",
+}
+OPTIMIZE_SCORERS = ("exact_match", "contains", "token_f1", "rouge", "bleu", "chrf")
+# How many of a prompt's latest optimisation jobs the page lists.
+OPTIMIZE_SHOWN = 5
+
+
+def optimize_runs(svc: Services, project_id: str, name: str) -> list[dict[str, Any]]:
+    """The prompt's latest ``prompt.optimize`` jobs, newest first, with their results (the
+    comparison tables) when they have finished."""
+    jobs = svc.jobs.list_jobs(project_id, kind=OPTIMIZE_KIND, limit=200)
+    return [j for j in jobs if (j.get("params") or {}).get("prompt") == name][:OPTIMIZE_SHOWN]
+
+
+def optimize_params(name: str, form: Mapping[str, str]) -> dict[str, Any]:
+    """The job's params from the form (the kind validates them: a 400 names the field)."""
+    params: dict[str, Any] = {
+        "prompt": name,
+        "dataset": form.get("dataset", "").strip(),
+        "scorer": form.get("scorer", "").strip(),
+        "proposer": form.get("proposer", "").strip() or "default",
+    }
+    for field in ("variants", "rounds"):
+        value = _int(form.get(field, ""), field.capitalize())
+        if value is not None:
+            params[field] = value
+    if instructions := form.get("instructions", "").strip():
+        params["instructions"] = instructions
+    return params
 
 
 def _version_number(value: str | None) -> int | None:
@@ -388,6 +432,37 @@ async def move_label(
             )
         return render(request, "prompt.html", context, status_code=status)
     return RedirectResponse(f"/prompts/{name}?{urlencode({'moved': label})}", status_code=303)
+
+
+@router.post("/prompts/{name}/optimize")
+async def optimize_prompt(
+    request: Request, name: str, user: Principal = Depends(ui_authorize)
+) -> Response:
+    """Start a ``prompt.optimize`` job for the prompt and open its job page."""
+    from flywheel.ui.jobs import submit  # (flywheel.ui.jobs imports this module)
+
+    form = await _form(request)
+    svc = services(request)
+    try:
+        await run_in_threadpool(svc.prompts.get, user.project_id, name)
+        params = optimize_params(name, form)
+        job = await run_in_threadpool(submit, svc, user, OPTIMIZE_KIND, params, f"optimize {name}")
+    except (PageError, ServiceError) as exc:
+        error, status = exc.message, exc.status_code
+        kept = {k: form.get(k, "") for k in OPTIMIZE_DEFAULTS}
+        try:
+            context = await run_in_threadpool(
+                lambda: _prompt_context(request, user, name, optimize_form=kept, error=error)
+            )
+        except ServiceError as missing:
+            return render(
+                request,
+                "prompt_missing.html",
+                {"nav": "prompts", "name": name, "error": missing.message},
+                status_code=missing.status_code,
+            )
+        return render(request, "prompt.html", context, status_code=status)
+    return RedirectResponse(f"/jobs/{job['id']}", status_code=303)
 
 
 # -- the playground ---------------------------------------------------------------------------
