@@ -105,9 +105,6 @@ def _schema(max_examples: int) -> BaseSchema:
                 # does; what neither can take is refused (400), and the 5xx check still sees
                 # every invalid request.
                 "negative_data_rejection": {"enabled": False},
-                # Off: a 405's Allow header names the methods of the first route on the path
-                # only (Starlette's router), not every route sharing it.
-                "allow_header_conformance": {"enabled": False},
             },
         }
     )

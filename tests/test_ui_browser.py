@@ -231,6 +231,7 @@ def test_dashboard_charts_and_window_switch(
             "Jobs",
             "Runs",
             "Model registry",
+            "Experiments",
             "Annotate",
             "Approvals",
             "Access",

@@ -26,6 +26,7 @@ from flywheel.cli.common import (
     err,
 )
 from flywheel.cli.evals import datasets_app, eval_app, feedback_app
+from flywheel.cli.experiments import experiments_app
 from flywheel.cli.jobs import jobs_app, models_app, runs_app, step_command, tune_app
 from flywheel.cli.monitor import alerts_app, guards_app, monitor_app
 from flywheel.cli.rag import kb_app, pipelines_app
@@ -56,6 +57,7 @@ app.add_typer(runs_app, name="runs")
 app.add_typer(tune_app, name="tune")
 app.add_typer(models_app, name="models")
 app.add_typer(cache_app, name="cache")
+app.add_typer(experiments_app, name="experiments")
 for _step in ("merge", "quantize", "prune"):
     app.command(_step)(step_command(_step))
 

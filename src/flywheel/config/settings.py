@@ -79,6 +79,12 @@ class Settings(BaseSettings):
     preload_models: bool = Field(default=True, description="Load local models at start-up.")
     trace_flush_seconds: float = Field(default=0.2, gt=0)
     trace_batch_size: int = Field(default=1000, ge=1)
+    experiment_interval: float = Field(
+        default=10.0,
+        ge=0.1,
+        description="Seconds between looks at the running experiments (guardrails, the "
+        "sequential test, promotion or rollback).",
+    )
     trace_buffer_spans: int = Field(
         default=100_000,
         ge=1,

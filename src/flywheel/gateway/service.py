@@ -7,14 +7,14 @@ import base64
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from math import ceil
 from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
-from flywheel.config import CatalogModel, FlywheelConfig, RouteConfig
+from flywheel.config import CatalogModel, FlywheelConfig, RouteConfig, RouteTarget
 from flywheel.errors import ServiceError
 from flywheel.gateway.cache import HIT, CachePlan, RouteCache, route_fingerprint
 from flywheel.gateway.errors import GatewayError, from_provider_error, from_service_error
@@ -66,6 +66,23 @@ class PromptVersion(Protocol):
 
 # (project_id, "NAME@LABEL" | "NAME@VERSION" | "NAME") -> the version; raises ServiceError.
 PromptResolver = Callable[[str, str], PromptVersion]
+
+
+class VariantPick(Protocol):
+    """What the gateway needs of an experiment's variant
+    (``flywheel.experiments.store.Assignment``)."""
+
+    @property
+    def prompt(self) -> str | None: ...
+    @property
+    def model(self) -> str | None: ...
+    @property
+    def attributes(self) -> dict[str, Any]: ...
+
+
+# (project_id, route, the request's ``user``, the request's headers) -> the variant of the
+# experiment running on the route that serves this call, or None (no experiment there).
+AssignVariant = Callable[[str, str, str | None, Mapping[str, str] | None], VariantPick | None]
 RETRIEVAL_OPTIONS = {"top_k": int, "mode": str, "filters": dict}
 MAX_RETRIEVAL_TOP_K = 100
 
@@ -91,6 +108,8 @@ class CallContext:
     cache_lookup: bool = True
     cache_store: bool = True
     cache_status: str | None = None
+    # The request's headers (lower-case names), for experiments sticky by a header.
+    headers: Mapping[str, str] | None = None
 
 
 # (caller, knowledge base, question, options, capture mode) -> {"context": text for the
@@ -132,6 +151,8 @@ class _Call:
     # The route cache's plan for this call, and the stored answer it was served (a hit).
     cache: CachePlan | None = None
     cached: dict[str, Any] | None = None
+    # The experiment variant serving this call, when its route runs an experiment.
+    variant: VariantPick | None = None
 
 
 def _has_content(chunk: dict[str, Any]) -> bool:
@@ -207,6 +228,7 @@ class Gateway:
         retrieve: Retrieve | None = None,
         run_pipeline: RunPipeline | None = None,
         cache: RouteCache | None = None,
+        assign_variant: AssignVariant | None = None,
     ) -> None:
         self.config = config
         self.providers = providers
@@ -226,6 +248,7 @@ class Gateway:
         self.cache = cache or RouteCache()
         self.cache.metrics = metrics
         self._fingerprints = _cache_fingerprints(config)
+        self.assign_variant = assign_variant
 
     def reconfigure(self, config: FlywheelConfig) -> None:
         """Serve a new catalog, routes and guards; calls in flight finish on the old ones."""
@@ -284,6 +307,11 @@ class Gateway:
             route = self.routes.resolve(name, kind)
             if call.resolve_as is not None:
                 self._check_prompt_model(call, route)
+            model = call.variant.model if call.variant is not None else None
+            found = self.routes.models.get(model or "")
+            if found is not None and found.status != "blocked":
+                # A model variant answers in the route's place, with its retries and fallbacks.
+                route = route.model_copy(update={"targets": [RouteTarget(model=found.name)]})
             return route
         except GatewayError as exc:
             self._record(call, error=exc)
@@ -380,6 +408,35 @@ class Gateway:
         }
         call.input = {**expanded.params, "variables": request.variables or {}}
         return expanded
+
+    # -- experiments -------------------------------------------------------------------------
+
+    def _experiment(self, call: _Call, request: ChatCompletionRequest) -> ChatCompletionRequest:
+        """On a route running an experiment, the call's variant: its prompt version replaces
+        the route's prompt, its model the route's targets (in :meth:`_resolve`), and the span
+        names both. Calls the server makes itself (evals, judges) are not part of it."""
+        if self.assign_variant is None or call.ctx.attributes:
+            return request
+        if call.route not in self.routes.routes:
+            return request
+        picked = self.assign_variant(
+            call.ctx.project_id or "", call.route, request.user, call.ctx.headers
+        )
+        if picked is None:
+            return request
+        call.variant = picked
+        # Each variant's own answers are measured: none served from, or stored in, the cache.
+        call.ctx.cache_lookup = call.ctx.cache_store = False
+        if picked.prompt is None:
+            return request
+        return ChatCompletionRequest.model_validate(
+            {
+                **request.params,
+                "model": PROMPT_PREFIX + picked.prompt,
+                "variables": request.variables,
+                "retrieval": request.retrieval,
+            }
+        )
 
     # -- retrieval (rag) ---------------------------------------------------------------------
 
@@ -847,6 +904,7 @@ class Gateway:
         pipeline = self._pipeline_name(request.model)
         if pipeline is not None:
             return await self._pipeline(call, pipeline, request)
+        request = self._experiment(call, request)
         request = await self._prepare(call, request)
         policy = self._policy(call)
         if policy is not None and policy.input:
@@ -882,6 +940,7 @@ class Gateway:
         if pipeline is not None:
             response = await self._pipeline(call, pipeline, request)
             return self._replay(response)
+        request = self._experiment(call, request)
         request = await self._prepare(call, request)
         policy = self._policy(call)
         if policy is not None and policy.input:
@@ -1146,6 +1205,8 @@ class Gateway:
             attributes.update(call.cache.attributes)
         if call.ctx.attributes:
             attributes.update(call.ctx.attributes)
+        if call.variant is not None:
+            attributes.update(call.variant.attributes)
         verdict = call.guards
         if verdict is not None and verdict.hits:
             attributes["flywheel.guard.flags"] = verdict.flags

@@ -31,6 +31,7 @@ import httpx
 
 from flywheel.sdk._paths import api_path as _path
 from flywheel.sdk.evals import Datasets, Evals, Feedback
+from flywheel.sdk.experiments import Experiments
 from flywheel.sdk.jobs import Jobs, Models, Runs
 from flywheel.sdk.monitor import Alerts, Guards, Monitor
 from flywheel.sdk.rag import KnowledgeBases, Pipelines
@@ -492,6 +493,7 @@ class Client:
         self.kbs = KnowledgeBases(self)
         self.pipelines = Pipelines(self)
         self.jobs = Jobs(self)
+        self.experiments = Experiments(self)
         self.runs = Runs(self)
         self.models = Models(self)
 

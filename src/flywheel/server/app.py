@@ -11,6 +11,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from flywheel import __version__
@@ -18,7 +19,7 @@ from flywheel.config import Settings, get_settings
 from flywheel.gateway import GatewayError, error_body
 from flywheel.security.secrets import install_redactor
 from flywheel.server.headers import SecurityHeaders
-from flywheel.server.http import validation_error
+from flywheel.server.http import allowed_methods, database_unavailable, validation_error
 from flywheel.server.routers import (
     access,
     api,
@@ -26,6 +27,7 @@ from flywheel.server.routers import (
     config,
     datasets,
     evals,
+    experiments,
     jobs,
     models,
     monitor,
@@ -38,6 +40,7 @@ from flywheel.server.services import Services
 from flywheel.ui import admin as ui_admin
 from flywheel.ui import datasets as ui_datasets
 from flywheel.ui import evals as ui_evals
+from flywheel.ui import experiments as ui_experiments
 from flywheel.ui import govern
 from flywheel.ui import jobs as ui_jobs
 from flywheel.ui import monitor as ui_monitor
@@ -104,6 +107,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(monitor.metrics_router)
     app.include_router(rag.router)
     app.include_router(jobs.router)
+    app.include_router(experiments.router)
     app.include_router(models.router)
     ui.install(app)
     app.include_router(govern.router)
@@ -113,6 +117,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(ui_monitor.router)
     app.include_router(ui_rag.router)
     app.include_router(ui_jobs.router)
+    app.include_router(ui_experiments.router)
     app.include_router(ui_registry.router)
     app.include_router(ui_admin.router)
 
@@ -121,7 +126,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         """Liveness: the process answers."""
         return {"status": "ok", "version": __version__}
 
-    @app.get("/readyz", tags=["ops"])
+    @app.get(
+        "/readyz",
+        tags=["ops"],
+        responses={503: {"description": 'A local model is still loading: `{"ready": false}`.'}},
+    )
     def readyz(request: Request) -> Any:
         """Readiness: every local model is loaded."""
         ready = request.app.state.services.providers.ready()
@@ -136,14 +145,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return await gateway_error(request, validation_error(exc.errors()))
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         status = exc.status_code
         kind = "invalid_request_error" if status < 500 else "server_error"
+        headers = dict(getattr(exc, "headers", None) or {})
+        if status == 405:
+            headers["Allow"] = allowed_methods(request)
         return JSONResponse(
             error_body(str(exc.detail), kind, code="not_found" if status == 404 else None),
             status_code=status,
-            headers=getattr(exc, "headers", None),
+            headers=headers or None,
         )
+
+    @app.exception_handler(OperationalError)
+    async def database_down(request: Request, exc: OperationalError) -> JSONResponse:
+        log.warning("database unavailable for %s %s: %s", request.method, request.url.path, exc)
+        return await gateway_error(request, database_unavailable())
 
     @app.exception_handler(Exception)
     async def unexpected(_: Request, exc: Exception) -> JSONResponse:

@@ -354,6 +354,8 @@ async def gateway_context(request: Request) -> CallContext:
         project_id=caller.project_id,
         allowed_models=caller.allowed_models,
         limit_subjects=await limit_subjects(services(request), caller),
+        # Experiments assign by a header (a session, a named header) when configured so.
+        headers={name.lower(): value for name, value in request.headers.items()},
     )
     parent = parse_traceparent(request.headers.get("traceparent"))
     if parent is not None:

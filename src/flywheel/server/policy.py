@@ -125,6 +125,11 @@ POLICY: dict[tuple[str, str], Permission] = {
     ("PUT", "/api/pipelines/{name}"): P.PIPELINES_WRITE,
     ("DELETE", "/api/pipelines/{name}"): P.PIPELINES_WRITE,
     ("POST", "/api/pipelines/{name}/run"): P.GATEWAY_CALL,
+    # Flywheel API: canary experiments on routes (a win may apply a config revision).
+    ("GET", "/api/experiments"): P.CONFIG_READ,
+    ("POST", "/api/experiments"): P.CONFIG_WRITE,
+    ("GET", "/api/experiments/{experiment_id}"): P.CONFIG_READ,
+    ("POST", "/api/experiments/{experiment_id}/stop"): P.CONFIG_WRITE,
     # Flywheel API: jobs and experiment tracking.
     ("GET", "/api/jobs/kinds"): P.JOBS_READ,
     ("GET", "/api/jobs"): P.JOBS_READ,
@@ -250,6 +255,9 @@ POLICY: dict[tuple[str, str], Permission] = {
     ("POST", "/alerts/rules"): P.MONITOR_WRITE,
     ("POST", "/alerts/rules/{name}/delete"): P.MONITOR_WRITE,
     ("POST", "/alerts/check"): P.MONITOR_WRITE,
+    # Web UI: canary experiments.
+    ("GET", "/experiments"): P.CONFIG_READ,
+    ("GET", "/experiments/{experiment_id}"): P.CONFIG_READ,
     # Web UI: jobs, experiment tracking and the model registry.
     ("GET", "/jobs"): P.JOBS_READ,
     ("POST", "/jobs"): P.JOBS_WRITE,

@@ -20,6 +20,8 @@ from flywheel.errors import ServiceError
 from flywheel.evals.release import ReleaseGate
 from flywheel.evals.runner import EvalRunner
 from flywheel.evals.suites import EvalError, EvalSuites, is_prompt
+from flywheel.experiments.evaluator import ExperimentEvaluator
+from flywheel.experiments.store import ExperimentStore
 from flywheel.gateway import (
     CallContext,
     ChatCompletionRequest,
@@ -160,6 +162,8 @@ class Services:
     evals: EvalRunner = field(init=False)
     online: OnlineJudging = field(init=False)
     alerts: AlertEvaluator = field(init=False)
+    experiments: ExperimentStore = field(init=False)
+    experiment_evaluator: ExperimentEvaluator = field(init=False)
     new_admin_key: str | None = None
     exporter: OtlpExporter | None = None
     supervisor: JobSupervisor | None = None
@@ -170,6 +174,7 @@ class Services:
     _watch: asyncio.Task[None] | None = field(default=None, repr=False)
     _monitor: asyncio.Task[None] | None = field(default=None, repr=False)
     _retention: asyncio.Task[None] | None = field(default=None, repr=False)
+    _experiment_task: asyncio.Task[None] | None = field(default=None, repr=False)
     _retired: list[Provider] = field(default_factory=list, repr=False)
 
     # How often a replica looks for a config revision applied elsewhere.
@@ -205,11 +210,34 @@ class Services:
         self.rag = RagAnswering(self.retriever, self.writer)
         self.gateway.retrieve = self.rag_retrieve
         self.gateway.run_pipeline = self.pipeline_call
+        self.experiments = ExperimentStore(self.db, self.audit)
+        self.gateway.assign_variant = self.experiments.assign
+        self.experiment_evaluator = ExperimentEvaluator(
+            self.db,
+            self.experiments,
+            self.prompts,
+            self.approvals,
+            self.configs.apply,
+            lambda: self.config,
+        )
         self.metrics.add_queue(
             "flywheel_trace_writer_pending",
             "Span and score rows waiting for the trace writer.",
             (),
             lambda: {(): self.writer.pending},
+        )
+        self.metrics.add_queue(
+            "flywheel_trace_writer_dropped",
+            "Trace rows the writer dropped since start (buffer full, database down at "
+            "shutdown, refused rows), by type.",
+            ("type",),
+            lambda: {("span",): self.writer.dropped, ("score",): self.writer.dropped_scores},
+        )
+        self.metrics.add_queue(
+            "flywheel_trace_writer_database_down",
+            "1 while the trace writer cannot reach the database (it buffers and retries).",
+            (),
+            lambda: {(): self.writer.stats["database_down"]},
         )
         self.metrics.add_queue(
             "flywheel_online_judging_pending",
@@ -400,7 +428,12 @@ class Services:
         config = _with_stored_provider_keys(config, secrets_store)
         admin_key = settings.admin_key.get_secret_value() if settings.admin_key else None
         new_admin_key = keys.ensure_admin(admin_key)
-        writer = TraceWriter(db, settings.trace_batch_size, settings.trace_flush_seconds)
+        writer = TraceWriter(
+            db,
+            settings.trace_batch_size,
+            settings.trace_flush_seconds,
+            settings.trace_buffer_spans,
+        )
         metrics = GatewayMetrics()
         exporter = None
         if settings.otlp_endpoint:
@@ -504,6 +537,7 @@ class Services:
         self.online.start()
         self._monitor = asyncio.create_task(self._monitor_loop())
         self._retention = asyncio.create_task(self._retention_loop())
+        self._experiment_task = asyncio.create_task(self._experiment_loop())
         if self.settings.jobs_enabled and self.settings.job_concurrency > 0:
             self.supervisor = JobSupervisor(
                 self.jobs,
@@ -647,6 +681,21 @@ class Services:
                     ran += 1
         return ran
 
+    async def _experiment_loop(self) -> None:
+        """Look at every running experiment each tick: guardrails, the sequential test, and
+        promotion or rollback (see flywheel.experiments.evaluator)."""
+        try:
+            await asyncio.to_thread(self.experiments.refresh)
+        except Exception:
+            log.exception("could not load the running experiments")
+        interval = self.settings.experiment_interval
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await asyncio.to_thread(self.experiment_evaluator.tick)
+            except Exception:
+                log.exception("experiment evaluation failed")
+
     async def _retention_loop(self) -> None:
         while True:
             try:
@@ -690,7 +739,13 @@ class Services:
         """Stop accepting model work, then flush every trace to the database."""
         if self.supervisor is not None:
             await self.supervisor.close()
-        for task in (self._preload, self._watch, self._monitor, self._retention):
+        for task in (
+            self._preload,
+            self._watch,
+            self._monitor,
+            self._retention,
+            self._experiment_task,
+        ):
             if task is not None and not task.done():
                 task.cancel()
         await self.online.close()

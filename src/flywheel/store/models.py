@@ -832,3 +832,57 @@ class SharedState(Base):
     value: Mapped[str] = mapped_column(Text)
     created_at: Mapped[float] = mapped_column(Float)
     expires_at: Mapped[float | None] = mapped_column(Float, nullable=True, index=True)
+
+
+class Experiment(Base):
+    """A canary experiment on a route: variants (prompt versions and/or catalog models) with
+    traffic shares, the unit that keeps a caller in one variant, the primary metric tested
+    sequentially, the guardrails that roll back at once, and how it was decided."""
+
+    __tablename__ = "experiments"
+    __table_args__ = (Index("ix_experiments_project_status", "project_id", "status"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    project_id: Mapped[str] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"))
+    route: Mapped[str] = mapped_column(String(128))
+    name: Mapped[str] = mapped_column(String(200))
+    # running | promoting | awaiting_approval | promoted | rolled_back | stopped
+    status: Mapped[str] = mapped_column(String(24))
+    # [{name, prompt: "name@version" | null, model: catalog model | null, share}]
+    variants: Mapped[Any] = mapped_column(JSON)
+    control: Mapped[str] = mapped_column(String(64))
+    # "user" | "session" | "header:<name>"
+    unit: Mapped[str] = mapped_column(String(128))
+    # {source: "feedback" | "judge:<name>", higher_is_better}
+    primary_metric: Mapped[Any] = mapped_column(JSON)
+    guardrails: Mapped[Any] = mapped_column(JSON)
+    alpha: Mapped[float] = mapped_column(Float)
+    tau: Mapped[float] = mapped_column(Float)
+    min_samples: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[float] = mapped_column(Float)
+    created_by: Mapped[str] = mapped_column(String(200))
+    decided_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    decided_by: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # What the decision did: the winning variant, the approval request, the config revision.
+    outcome: Mapped[Any] = mapped_column(JSON, nullable=True)
+
+
+class ExperimentLook(Base):
+    """One look of an experiment's evaluator: each variant's running sums of the primary and
+    guardrail metrics, the always-valid p-value and confidence sequence, and the decision."""
+
+    __tablename__ = "experiment_looks"
+    __table_args__ = (Index("ix_experiment_looks_experiment", "experiment_id", "at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    experiment_id: Mapped[str] = mapped_column(ForeignKey("experiments.id", ondelete="CASCADE"))
+    at: Mapped[float] = mapped_column(Float)
+    # {variant: {"primary": ArmStats, "error": ArmStats, "latency_ms": ArmStats,
+    #  "latency_p95": float | None, "cost": ArmStats}}
+    arms: Mapped[Any] = mapped_column(JSON)
+    p_value: Mapped[float] = mapped_column(Float)
+    ci_low: Mapped[float | None] = mapped_column(Float, nullable=True)
+    ci_high: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # continue | win | loss | breach
+    decision: Mapped[str] = mapped_column(String(16))
