@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -52,18 +53,22 @@ def wait_until_up(url: str, timeout: float = 60) -> None:
 
 
 @contextmanager
-def running_stack() -> Iterator[Stack]:
+def running_stack(
+    config: str = CONFIG, env: dict[str, str] | None = None, ready_timeout: float = 60
+) -> Iterator[Stack]:
     """The fake upstream (route ``echo`` answers ``echo: <last user message>``) and
-    ``flywheel up`` with tracing into SQLite in a fresh home."""
+    ``flywheel up`` with tracing into SQLite in a fresh home. ``config`` is a flywheel.yaml
+    with ``{port}`` for the upstream's port; ``env`` adds server settings."""
     up_port, fw_port = free_port(), free_port()
     home = Path(tempfile.mkdtemp(prefix="flywheel-bench-"))
-    (home / "flywheel.yaml").write_text(CONFIG.format(port=up_port))
+    (home / "flywheel.yaml").write_text(config.format(port=up_port))
     env = {
         **os.environ,
         "FLYWHEEL_HOME": str(home),
         "FLYWHEEL_CONFIG_FILE": str(home / "flywheel.yaml"),
         "FLYWHEEL_ADMIN_KEY": KEY,
         "FLYWHEEL_LOG_LEVEL": "warning",
+        **(env or {}),
     }
     upstream = subprocess.Popen(
         [sys.executable, "-m", "flywheel.testing.upstream", "--port", str(up_port)],
@@ -77,9 +82,10 @@ def running_stack() -> Iterator[Stack]:
     )
     try:
         wait_until_up(f"http://127.0.0.1:{up_port}/calls")
-        wait_until_up(f"http://127.0.0.1:{fw_port}/readyz")
+        wait_until_up(f"http://127.0.0.1:{fw_port}/readyz", timeout=ready_timeout)
         yield Stack(f"http://127.0.0.1:{fw_port}", f"http://127.0.0.1:{up_port}", KEY)
     finally:
         for process in (server, upstream):
             process.send_signal(signal.SIGTERM)
             process.wait(30)
+        shutil.rmtree(home, ignore_errors=True)

@@ -22,13 +22,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -40,7 +37,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import describe
-from _stack import BIN, KEY, wait_until_up
+from _stack import running_stack
 
 from flywheel.config import RouteConfig
 from flywheel.gateway.cache import RouteCache, minilm_vector
@@ -193,41 +190,6 @@ def _redis() -> Iterator[str | None]:
         process.wait(10)
 
 
-@contextmanager
-def _stack(redis_url: str | None) -> Iterator[str]:
-    up_port, fw_port = free_port(), free_port()
-    home = Path(tempfile.mkdtemp(prefix="flywheel-bench-cache-"))
-    (home / "flywheel.yaml").write_text(CONFIG.format(port=up_port))
-    env = {
-        **os.environ,
-        "FLYWHEEL_HOME": str(home),
-        "FLYWHEEL_CONFIG_FILE": str(home / "flywheel.yaml"),
-        "FLYWHEEL_ADMIN_KEY": KEY,
-        "FLYWHEEL_LOG_LEVEL": "warning",
-    }
-    if redis_url:
-        env["FLYWHEEL_REDIS_URL"] = redis_url
-    upstream = subprocess.Popen(
-        [sys.executable, "-m", "flywheel.testing.upstream", "--port", str(up_port)],
-        stdout=subprocess.DEVNULL,
-    )
-    server = subprocess.Popen(
-        [str(BIN / "flywheel"), "up", "--port", str(fw_port)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        wait_until_up(f"http://127.0.0.1:{up_port}/calls")
-        wait_until_up(f"http://127.0.0.1:{fw_port}/readyz", timeout=300)
-        yield f"http://127.0.0.1:{fw_port}"
-    finally:
-        for process in (server, upstream):
-            process.send_signal(signal.SIGTERM)
-            process.wait(30)
-        shutil.rmtree(home, ignore_errors=True)
-
-
 def _pct(values: list[float], pct: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(pct / 100 * (len(ordered) - 1)))]
@@ -272,11 +234,10 @@ def latency(total: int) -> dict[str, Any]:
     with _redis() as redis_url:
         storages = [("in-process", None)] + ([("redis", redis_url)] if redis_url else [])
         for name, url in storages:
+            env = {"FLYWHEEL_REDIS_URL": url} if url else {}
             with (
-                _stack(url) as base,
-                httpx.Client(
-                    base_url=base, headers={"Authorization": f"Bearer {KEY}"}, timeout=60
-                ) as client,
+                running_stack(CONFIG, env, ready_timeout=300) as stack,
+                httpx.Client(base_url=stack.flywheel_url, headers=stack.auth, timeout=60) as client,
             ):
                 _measure(client, 100)  # warm-up (and stores the answer the hits get)
                 out[name] = _measure(client, total)

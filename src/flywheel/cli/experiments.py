@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.table import Table
@@ -28,10 +28,6 @@ from flywheel.cli.common import (
 experiments_app = typer.Typer(
     help="Canary experiments on routes: sticky splits, sequential tests, auto-promotion."
 )
-
-
-def _experiments(url: str, api_key: str | None, project: str | None) -> Any:
-    return _client(url, api_key, project).experiments
 
 
 def _when(timestamp: float | None) -> str:
@@ -73,7 +69,6 @@ def create(
 ) -> None:
     """Start an experiment: the route as configured (control) against a candidate prompt
     version and/or model, or any body given with --spec."""
-    client = _experiments(url, api_key, project)
     if spec is not None:
         try:
             body = json.loads(spec.read_text())
@@ -83,25 +78,25 @@ def create(
             raise _fail(f"{spec} must hold a JSON object")
         body.setdefault("name", name)
         body.setdefault("route", route)
-        found = _sdk_call(client.create, **body)
     else:
         if prompt is None and model is None:
             raise _fail("give the candidate a --prompt version, a --model, or both (or --spec)")
         candidate = {"name": "candidate", "share": share, "prompt": prompt, "model": model}
-        found = _sdk_call(
-            client.create,
-            name,
-            route=route,
-            variants=[
+        body = {
+            "name": name,
+            "route": route,
+            "variants": [
                 {"name": "control", "share": round(1 - share, 9)},
                 {k: v for k, v in candidate.items() if v is not None},
             ],
-            unit=unit,
-            metric={"source": metric, "higher_is_better": not lower_is_better},
-            min_samples=min_samples,
-            alpha=alpha,
-            tau=tau,
-        )
+            "unit": unit,
+            "metric": {"source": metric, "higher_is_better": not lower_is_better},
+            "min_samples": min_samples,
+            "alpha": alpha,
+            "tau": tau,
+        }
+    with _client(url, api_key, project) as client:
+        found = _sdk_call(client.experiments.create, **body)
     console.print(f"experiment [bold]{found['id']}[/] running on route {found['route']}")
 
 
@@ -113,7 +108,8 @@ def list_experiments(
     project: ProjectOption = None,
 ) -> None:
     """The project's experiments, newest first."""
-    rows = _sdk_call(_experiments(url, api_key, project).list, status=status)
+    with _client(url, api_key, project) as client:
+        rows = _sdk_call(client.experiments.list, status=status)
     table = Table()
     # The whole id: it is what `show` and `stop` take.
     table.add_column("id", no_wrap=True, min_width=32)
@@ -142,7 +138,8 @@ def show(
     project: ProjectOption = None,
 ) -> None:
     """One experiment: its variants' latest numbers and its decision."""
-    found = _sdk_call(_experiments(url, api_key, project).get, experiment_id)
+    with _client(url, api_key, project) as client:
+        found = _sdk_call(client.experiments.get, experiment_id)
     if as_json:
         console.print_json(json.dumps(found, default=str))
         return
@@ -184,5 +181,6 @@ def stop(
     project: ProjectOption = None,
 ) -> None:
     """Stop a running experiment: the route serves as configured; nothing is promoted."""
-    found = _sdk_call(_experiments(url, api_key, project).stop, experiment_id)
+    with _client(url, api_key, project) as client:
+        found = _sdk_call(client.experiments.stop, experiment_id)
     console.print(f"experiment {found['id']} {found['status']}")

@@ -300,6 +300,29 @@ def _prompt_context(
     }
 
 
+async def _prompt_page_with_error(
+    request: Request, user: Principal, name: str, error: str, status: int, **extra: Any
+) -> Response:
+    """The prompt page again after a refused form (``extra`` keeps what was typed), or the
+    missing-prompt page when the prompt itself is gone."""
+    try:
+        context = await run_in_threadpool(
+            lambda: _prompt_context(request, user, name, error=error, **extra)
+        )
+    except ServiceError as missing:
+        return _missing(request, name, missing)
+    return render(request, "prompt.html", context, status_code=status)
+
+
+def _missing(request: Request, name: str, exc: ServiceError) -> Response:
+    return render(
+        request,
+        "prompt_missing.html",
+        {"nav": "prompts", "name": name, "error": exc.message},
+        status_code=exc.status_code,
+    )
+
+
 # -- optimisation (the prompt.optimize job) ---------------------------------------------------
 
 OPTIMIZE_KIND = "prompt.optimize"
@@ -364,12 +387,7 @@ def prompt_page(
     try:
         context = _prompt_context(request, user, name, old, new, **extra)
     except ServiceError as exc:
-        return render(
-            request,
-            "prompt_missing.html",
-            {"nav": "prompts", "name": name, "error": exc.message},
-            status_code=exc.status_code,
-        )
+        return _missing(request, name, exc)
     moved = query.get("moved")
     if moved and moved in context["labels"]:
         context["notice"] = f"Moved the '{moved}' label to v{context['labels'][moved]}."
@@ -417,20 +435,10 @@ async def move_label(
             svc.prompts.set_label, user.project_id, name, label, version, user.actor
         )
     except (PageError, ServiceError) as exc:
-        error, status = exc.message, exc.status_code
         form_values = {"label": label, "version": str(version or "")}
-        try:
-            context = await run_in_threadpool(
-                lambda: _prompt_context(request, user, name, form=form_values, error=error)
-            )
-        except ServiceError as missing:
-            return render(
-                request,
-                "prompt_missing.html",
-                {"nav": "prompts", "name": name, "error": missing.message},
-                status_code=missing.status_code,
-            )
-        return render(request, "prompt.html", context, status_code=status)
+        return await _prompt_page_with_error(
+            request, user, name, exc.message, exc.status_code, form=form_values
+        )
     return RedirectResponse(f"/prompts/{name}?{urlencode({'moved': label})}", status_code=303)
 
 
@@ -448,20 +456,10 @@ async def optimize_prompt(
         params = optimize_params(name, form)
         job = await run_in_threadpool(submit, svc, user, OPTIMIZE_KIND, params, f"optimize {name}")
     except (PageError, ServiceError) as exc:
-        error, status = exc.message, exc.status_code
         kept = {k: form.get(k, "") for k in OPTIMIZE_DEFAULTS}
-        try:
-            context = await run_in_threadpool(
-                lambda: _prompt_context(request, user, name, optimize_form=kept, error=error)
-            )
-        except ServiceError as missing:
-            return render(
-                request,
-                "prompt_missing.html",
-                {"nav": "prompts", "name": name, "error": missing.message},
-                status_code=missing.status_code,
-            )
-        return render(request, "prompt.html", context, status_code=status)
+        return await _prompt_page_with_error(
+            request, user, name, exc.message, exc.status_code, optimize_form=kept
+        )
     return RedirectResponse(f"/jobs/{job['id']}", status_code=303)
 
 
