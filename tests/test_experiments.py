@@ -23,6 +23,8 @@ from flywheel.experiments.evaluator import guardrail_breach
 from flywheel.experiments.metrics import VariantMetrics
 from flywheel.experiments.spec import Guardrails
 from flywheel.experiments.stats import ArmStats
+from flywheel.store import DEFAULT_PROJECT_ID, Database
+from flywheel.store.models import Experiment
 from flywheel.testing import FakeUpstream
 from tests.conftest import RunningServer, start_server, stop_server, wait_for_trace
 
@@ -54,6 +56,14 @@ routes:
     targets: [{{model: up-echo}}]
   - name: exp-pipeline
     pipeline: nothing
+  - name: exp-recover
+    targets: [{{model: up-echo}}]
+  - name: exp-guard-hits
+    targets: [{{prompt: "noisy@staging"}}]
+    retry: {{attempts: 0}}
+    guards:
+      output:
+        - {{type: banned_terms, name: fruit, action: flag, terms: [kumquat]}}
 """
 DECIDE_WITHIN = 30.0
 # Thumbs by position in a run of ten: the better arm is liked 9 times in 10, the other 3.
@@ -147,11 +157,16 @@ def _traffic(
     return counts
 
 
-def _decided(api: httpx.Client, experiment_id: str, timeout: float = DECIDE_WITHIN) -> dict:
+def _decided(
+    api: httpx.Client,
+    experiment_id: str,
+    timeout: float = DECIDE_WITHIN,
+    statuses: tuple[str, ...] = ("running", "promoting"),
+) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         found = api.get(f"/api/experiments/{experiment_id}").json()
-        if found["status"] not in ("running", "promoting"):
+        if found["status"] not in statuses:
             return found
         time.sleep(0.2)
     raise AssertionError(f"experiment {experiment_id} undecided after {timeout}s: {found}")
@@ -271,6 +286,108 @@ def test_a_win_on_a_protected_label_requests_an_approval(
     # The label has not moved: it waits for a reviewer.
     current = api.get("/api/prompts/shipper", params={"label": "production"}).json()
     assert current["version"] == first
+    # Once the reviewer approves, the evaluator's next tick marks the experiment promoted.
+    approved = httpx.post(
+        f"{exp_server.base_url}/api/approvals/{request['id']}/approve",
+        headers={"Authorization": f"Bearer {reviewer}"},
+        json={},
+    )
+    assert approved.status_code == 200, approved.text
+    decided = _decided(api, experiment["id"], statuses=("awaiting_approval",))
+    assert decided["status"] == "promoted", decided
+    assert f"approval {request['id']} approved by" in decided["reason"]
+    assert decided["outcome"]["approval_status"] == "approved"
+    current = api.get("/api/prompts/shipper", params={"label": "production"}).json()
+    assert current["version"] == second
+
+
+def _insert(exp_server: RunningServer, route: str, status: str, **fields: object) -> str:
+    """An experiment row as a replica left it (a decision taken, its follow-up pending)."""
+    experiment_id = secrets.token_hex(16)
+    values: dict[str, object] = {
+        "id": experiment_id,
+        "project_id": DEFAULT_PROJECT_ID,
+        "route": route,
+        "name": f"left {status}",
+        "status": status,
+        "mode": "canary",
+        "variants": [
+            {"name": "a", "share": 0.5, "prompt": None, "model": None},
+            {"name": "b", "share": 0.5, "prompt": None, "model": "up-echo-b"},
+        ],
+        "control": "a",
+        "unit": "user",
+        "primary_metric": {"source": "feedback", "higher_is_better": True},
+        "guardrails": Guardrails().model_dump(),
+        "alpha": 0.05,
+        "tau": 0.1,
+        "min_samples": 100,
+        "created_at": time.time() - 600,
+        "created_by": "test",
+        "decided_at": time.time(),
+        "decided_by": "system:experiments",
+        "reason": "'b' won (delta +0.500)",
+        "outcome": {"action": "promote", "variant": "b", "summary": "delta +0.500"},
+        **fields,
+    }
+    db = Database(exp_server.database_url)
+    try:
+        with db.session() as session:
+            session.add(Experiment(**values))
+    finally:
+        db.dispose()
+    return experiment_id
+
+
+def test_a_rejected_approval_rolls_the_waiting_experiment_back(
+    api: httpx.Client, exp_server: RunningServer
+) -> None:
+    first = _prompt(api, "rejecter", "(v1)")
+    approval = api.post("/api/approvals", json={"name": "rejecter", "version": first})
+    assert approval.status_code == 201, approval.text
+    approval_id = approval.json()["id"]
+    experiment_id = _insert(
+        exp_server,
+        "exp-protected",
+        "awaiting_approval",
+        outcome={"action": "promote", "variant": "b", "approval_id": approval_id},
+    )
+    time.sleep(1.0)  # a tick or two: a pending approval leaves it waiting
+    assert api.get(f"/api/experiments/{experiment_id}").json()["status"] == "awaiting_approval"
+    rejected = api.post(f"/api/approvals/{approval_id}/reject", json={"comment": "no"})
+    assert rejected.status_code == 200, rejected.text
+    decided = _decided(api, experiment_id, statuses=("awaiting_approval",))
+    assert decided["status"] == "rolled_back", decided
+    assert f"approval {approval_id} was rejected" in decided["reason"]
+    assert "experiment.rolled_back" in _audit_actions(api, experiment_id)
+
+
+def _config_applies(api: httpx.Client) -> int:
+    events = api.get("/api/audit", params={"action": "config.apply", "limit": 500}).json()
+    return len(events["data"])
+
+
+def test_a_promotion_left_half_done_is_resumed_once(
+    api: httpx.Client, exp_server: RunningServer
+) -> None:
+    # Left "promoting" two minutes ago by a replica that died before the config revision.
+    first = _insert(exp_server, "exp-recover", "promoting", decided_at=time.time() - 120)
+    # One its replica is still promoting (decided recently) is left alone.
+    fresh = _insert(exp_server, "exp-sticky", "promoting", decided_at=time.time() + 3600)
+    decided = _decided(api, first, statuses=("promoting",))
+    assert decided["status"] == "promoted", decided
+    assert decided["outcome"]["resumed"] is True
+    assert isinstance(decided["outcome"]["revision"], int)
+    exported = api.get("/api/config/export").text
+    route_part = exported.split("name: exp-recover", 1)[1].split("- name:", 1)[0]
+    assert "up-echo-b" in route_part, route_part
+    applied = _config_applies(api)
+    # The same promotion left again: the route serves the model already, so no new revision.
+    again = _insert(exp_server, "exp-recover", "promoting", decided_at=time.time() - 120)
+    decided = _decided(api, again, statuses=("promoting",))
+    assert decided["status"] == "promoted" and decided["outcome"]["revision"] is None, decided
+    assert _config_applies(api) == applied
+    assert api.get(f"/api/experiments/{fresh}").json()["status"] == "promoting"
 
 
 def test_a_better_model_is_promoted_with_a_config_revision(api: httpx.Client) -> None:
@@ -337,6 +454,31 @@ def test_a_failing_candidate_breaches_the_error_guardrail_at_once(api: httpx.Cli
     assert decided["looks"][-1]["decision"] == "breach"
     # No one is sent to the broken model any more.
     assert all(_chat(api, "exp-guard", f"guard-user-{i}").status_code == 200 for i in range(10))
+
+
+def test_more_guard_hits_breach_the_guard_guardrail(api: httpx.Client) -> None:
+    first = _prompt(api, "noisy", "(v1)")
+    second = _prompt(api, "noisy", "kumquat (v2)")
+    assert api.put("/api/prompts/noisy/labels/staging", json={"version": first}).is_success
+    experiment = _create(
+        api,
+        name="noisy v2",
+        route="exp-guard-hits",
+        variants=[
+            {"name": "a", "share": 0.5},
+            {"name": "v2", "prompt": f"noisy@{second}", "share": 0.5},
+        ],
+        min_samples=1000,
+        guardrails={"max_guard_hit_rate_increase": 0.2, "min_samples": 10},
+    )
+    for i in range(40):
+        response = _chat(api, "exp-guard-hits", f"noisy-{i}", variables={"question": "hi"})
+        assert response.status_code == 200, response.text  # flagged, still served
+    decided = _decided(api, experiment["id"])
+    assert decided["status"] == "rolled_back", decided
+    assert decided["reason"].startswith("guardrail breached by 'v2': guard hit rate 100.0%")
+    arms = decided["looks"][-1]["arms"]
+    assert arms["a"]["guard_hits"]["total"] == 0 and arms["v2"]["guard_hits"]["n"] >= 10
 
 
 def test_assignment_is_sticky_and_stop_ends_the_experiment(
@@ -510,3 +652,13 @@ def test_guardrails_need_samples_and_allow_jitter() -> None:
     slow = guardrail_breach(rules, _arm(0, 20, 500.0, 0.001), _arm(0, 20, 2000.0, 0.001))
     assert slow is not None and slow.startswith("p95 latency 2000 ms")
     assert "mean cost" in (guardrail_breach(rules, control, _arm(0, 20, 5.0, 0.003)) or "")
+    # Guard hits: off by default; with a limit, a share of calls with hits above it breaches.
+    flagged = _arm(0, 20, 5.0, 0.001)
+    flagged.guard_hits = ArmStats.of([1.0] * 6 + [0.0] * 14)
+    assert guardrail_breach(rules, control, flagged) is None
+    rules["max_guard_hit_rate_increase"] = 0.25
+    assert guardrail_breach(rules, control, flagged) == (
+        "guard hit rate 30.0% against the control's 0.0% (allowed: +25.0%)"
+    )
+    flagged.guard_hits = ArmStats.of([1.0] * 5 + [0.0] * 15)
+    assert guardrail_breach(rules, control, flagged) is None

@@ -232,6 +232,7 @@ def test_dashboard_charts_and_window_switch(
             "Runs",
             "Model registry",
             "Experiments",
+            "Loops",
             "Annotate",
             "Approvals",
             "Access",

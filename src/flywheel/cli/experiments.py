@@ -1,4 +1,5 @@
-"""``flywheel experiments``: canary experiments on routes, through the server's API.
+"""``flywheel experiments``: canary and shadow experiments on routes, through the server's
+API.
 
 Registered in the main CLI as ``app.add_typer(experiments_app, name="experiments")``.
 """
@@ -26,7 +27,8 @@ from flywheel.cli.common import (
 )
 
 experiments_app = typer.Typer(
-    help="Canary experiments on routes: sticky splits, sequential tests, auto-promotion."
+    help="Canary and shadow experiments on routes: sticky splits, sequential tests, "
+    "auto-promotion (canary) or a recommendation (shadow)."
 )
 
 
@@ -47,6 +49,14 @@ def create(
     share: Annotated[
         float, typer.Option("--share", help="The candidate's share of the traffic.")
     ] = 0.1,
+    mode: Annotated[
+        str,
+        typer.Option(
+            "--mode",
+            help="canary (the candidate serves its share) or shadow (the control serves "
+            "everything; the candidate's share is mirrored to it and judged).",
+        ),
+    ] = "canary",
     unit: Annotated[
         str, typer.Option("--unit", help="Sticky by: user, session or header:<name>.")
     ] = "user",
@@ -78,6 +88,7 @@ def create(
             raise _fail(f"{spec} must hold a JSON object")
         body.setdefault("name", name)
         body.setdefault("route", route)
+        body.setdefault("mode", mode)
     else:
         if prompt is None and model is None:
             raise _fail("give the candidate a --prompt version, a --model, or both (or --spec)")
@@ -89,6 +100,7 @@ def create(
                 {"name": "control", "share": round(1 - share, 9)},
                 {k: v for k, v in candidate.items() if v is not None},
             ],
+            "mode": mode,
             "unit": unit,
             "metric": {"source": metric, "higher_is_better": not lower_is_better},
             "min_samples": min_samples,
@@ -97,7 +109,8 @@ def create(
         }
     with _client(url, api_key, project) as client:
         found = _sdk_call(client.experiments.create, **body)
-    console.print(f"experiment [bold]{found['id']}[/] running on route {found['route']}")
+    shadow = " (shadow)" if found.get("mode") == "shadow" else ""
+    console.print(f"experiment [bold]{found['id']}[/] running on route {found['route']}{shadow}")
 
 
 @experiments_app.command("list")
@@ -113,14 +126,15 @@ def list_experiments(
     table = Table()
     # The whole id: it is what `show` and `stop` take.
     table.add_column("id", no_wrap=True, min_width=32)
-    for column in ("name", "route", "status", "variants", "started", "reason"):
-        table.add_column(column)
+    for column in ("name", "route", "mode", "status", "variants", "started", "reason"):
+        table.add_column(column, no_wrap=column in ("mode", "status"))
     for row in rows:
         variants = ", ".join(f"{v['name']} {v['share']:.0%}" for v in row["variants"])
         table.add_row(
             row["id"],
             row["name"],
             row["route"],
+            row.get("mode") or "canary",
             row["status"],
             variants,
             _when(row["created_at"]),
@@ -144,9 +158,13 @@ def show(
         console.print_json(json.dumps(found, default=str))
         return
     console.print(
-        f"[bold]{found['name']}[/] on route {found['route']}: {found['status']}"
+        f"[bold]{found['name']}[/] ({found.get('mode') or 'canary'}) on route "
+        f"{found['route']}: {found['status']}"
         + (f" ({found['reason']})" if found.get("reason") else "")
     )
+    outcome = found.get("outcome") or {}
+    if outcome.get("action") in ("recommend", "reject"):
+        console.print(f"shadow outcome: {outcome['action']} '{outcome.get('variant')}'")
     looks = found.get("looks") or []
     last = looks[-1] if looks else {}
     table = Table("variant", "share", "prompt", "model", "calls", "rated", "mean", "errors")

@@ -28,6 +28,7 @@ from flywheel.cli.common import (
 from flywheel.cli.evals import datasets_app, eval_app, feedback_app
 from flywheel.cli.experiments import experiments_app
 from flywheel.cli.jobs import jobs_app, models_app, runs_app, step_command, tune_app
+from flywheel.cli.loops import loop_command, loops_app
 from flywheel.cli.monitor import alerts_app, guards_app, monitor_app
 from flywheel.cli.rag import kb_app, pipelines_app
 
@@ -58,6 +59,8 @@ app.add_typer(tune_app, name="tune")
 app.add_typer(models_app, name="models")
 app.add_typer(cache_app, name="cache")
 app.add_typer(experiments_app, name="experiments")
+app.add_typer(loops_app, name="loops")
+app.command("loop")(loop_command)
 for _step in ("merge", "quantize", "prune"):
     app.command(_step)(step_command(_step))
 

@@ -85,6 +85,12 @@ class Settings(BaseSettings):
         description="Seconds between looks at the running experiments (guardrails, the "
         "sequential test, promotion or rollback).",
     )
+    loop_interval: float = Field(
+        default=2.0,
+        ge=0.1,
+        description="Seconds between the loop driver's moves (`flywheel loop`: submitting a "
+        "step's job, following it, waiting for an approval or a canary).",
+    )
     trace_buffer_spans: int = Field(
         default=100_000,
         ge=1,

@@ -58,6 +58,8 @@ class TraceSelection:
     flag: str | None = None
     expected: str = "correction_or_output"
     limit: int = 1000
+    # Only these traces (e.g. the ones a loop collected), when given.
+    trace_ids: list[str] | None = None
 
 
 def version_to_dict(dataset: Dataset, row: DatasetVersion) -> dict[str, Any]:
@@ -392,6 +394,8 @@ class DatasetStore:
             query = query.where(SpanRecord.route == selection.route)
         if selection.model:
             query = query.where(SpanRecord.model == selection.model)
+        if selection.trace_ids is not None:
+            query = query.where(SpanRecord.trace_id.in_(selection.trace_ids))
         if selection.since is not None:
             query = query.where(SpanRecord.start_time >= selection.since)
         if selection.until is not None:

@@ -10,6 +10,16 @@ the prompt registry, or, when that label is protected, requests the approval (th
 experiment then waits in ``awaiting_approval``). Promoting a model variant applies a config
 revision that makes the model the route's target. Rolling back is only the status change: a
 finished experiment gets no more traffic, so the route serves as configured.
+
+A shadow experiment never changes what is served: a win ends it ``finished`` with the
+outcome ``recommend`` (the variant, the numbers), a loss or a breach ``finished`` with
+``reject``.
+
+Each tick also follows up what earlier decisions left: an experiment ``awaiting_approval``
+becomes ``promoted`` once its approval request is approved (``rolled_back`` when it is
+rejected or cancelled), and one left ``promoting`` for over :data:`STALE_PROMOTION`
+seconds (its replica died mid-promotion) is taken over and its promotion finished: each
+step checks what is already done before acting.
 """
 
 from __future__ import annotations
@@ -32,12 +42,14 @@ from flywheel.security.approvals import ApprovalService
 from flywheel.security.rbac import ALL_PERMISSIONS, Principal
 from flywheel.store import Database
 
-__all__ = ["ACTOR", "ExperimentEvaluator", "guardrail_breach"]
+__all__ = ["ACTOR", "STALE_PROMOTION", "ExperimentEvaluator", "guardrail_breach"]
 
 log = logging.getLogger("flywheel.experiments")
 ACTOR = "system:experiments"
 # (caller, config YAML, source) -> {"revision": ...}: ConfigService.apply.
 ApplyConfig = Callable[[Principal, str, str], dict[str, Any]]
+# A promotion takes well under a second; one "promoting" this long lost its replica.
+STALE_PROMOTION = 60.0
 
 
 def _system(project_id: str) -> Principal:
@@ -97,6 +109,13 @@ def guardrail_breach(
             f"mean cost ${candidate_cost:.6f} against the control's ${control_cost:.6f} "
             f"(allowed: {ratio:g}x)"
         )
+    limit = guardrails.get("max_guard_hit_rate_increase")
+    control_hits, candidate_hits = control.guard_hits.mean or 0.0, candidate.guard_hits.mean or 0.0
+    if limit is not None and candidate_hits - control_hits > limit:
+        return (
+            f"guard hit rate {candidate_hits:.1%} against the control's {control_hits:.1%} "
+            f"(allowed: +{limit:.1%})"
+        )
     return None
 
 
@@ -112,19 +131,29 @@ class ExperimentEvaluator:
     running_config: Callable[[], FlywheelConfig]
     # Two replicas ticking together record one look: a look younger than this is enough.
     min_look_gap: float = 0.5
+    stale_promotion: float = STALE_PROMOTION
 
     def tick(self, now: float | None = None) -> list[dict[str, Any]]:
-        """Look at every running experiment; returns the decisions made (not "continue")."""
+        """Look at every running experiment, follow up the ones awaiting an approval or left
+        promoting; returns the decisions made (not "continue")."""
         self.store.refresh()
         decided = []
-        for experiment in self.store.running():
-            try:
-                found = self.look(experiment, now)
-            except Exception:
-                log.exception("experiment %s: the look failed", experiment["id"])
-                continue
-            if found is not None:
-                decided.append(found)
+        clock = time.time() if now is None else now
+        steps: list[tuple[Callable[[dict[str, Any]], dict[str, Any] | None], str, float | None]]
+        steps = [
+            (lambda e: self.look(e, now), "running", None),
+            (self.follow_approval, "awaiting_approval", None),
+            (self.recover, "promoting", clock - self.stale_promotion),
+        ]
+        for step, status, before in steps:
+            for experiment in self.store.with_status(status, before):
+                try:
+                    found = step(experiment)
+                except Exception:
+                    log.exception("experiment %s: the %s step failed", experiment["id"], status)
+                    continue
+                if found is not None:
+                    decided.append(found)
         return decided
 
     def look(self, experiment: dict[str, Any], now: float | None = None) -> dict[str, Any] | None:
@@ -165,6 +194,8 @@ class ExperimentEvaluator:
         if decision == "continue":
             return None
         summary = self._summary(result)
+        if experiment.get("mode") == "shadow":
+            return self._finish_shadow(experiment, candidate_name, decision, breach, summary)
         if breach is not None:
             reason = f"guardrail breached by '{candidate_name}': {breach}"
             return self._roll_back(experiment, reason, decision, summary)
@@ -181,6 +212,32 @@ class ExperimentEvaluator:
             f"p {result.p_value:.4f}, n {result.control_n}/{result.candidate_n}"
         )
 
+    def _finish_shadow(
+        self,
+        experiment: dict[str, Any],
+        candidate: str,
+        decision: str,
+        breach: str | None,
+        summary: str,
+    ) -> dict[str, Any] | None:
+        """A shadow experiment's decision: it recommends the candidate or rejects it;
+        nothing served changes (promoting it is a person's call, or a canary's)."""
+        control = experiment["control"]
+        if decision == "win":
+            action = "recommend"
+            reason = f"'{candidate}' would win against '{control}' ({summary}); recommended"
+        elif breach is not None:
+            action = "reject"
+            reason = f"guardrail breached by '{candidate}': {breach}"
+        else:
+            action = "reject"
+            reason = f"'{candidate}' is significantly worse than '{control}' ({summary})"
+        outcome = {"action": action, "variant": candidate, "decision": decision, "summary": summary}
+        if not self.store.transition(experiment["id"], "finished", reason, ACTOR, outcome):
+            return None
+        log.warning("shadow experiment %s finished: %s", experiment["id"], reason)
+        return {"id": experiment["id"], "status": "finished", "reason": reason, "outcome": outcome}
+
     def _roll_back(
         self, experiment: dict[str, Any], reason: str, decision: str, summary: str
     ) -> dict[str, Any] | None:
@@ -193,18 +250,27 @@ class ExperimentEvaluator:
     def _promote(
         self, experiment: dict[str, Any], variant_name: str, summary: str
     ) -> dict[str, Any] | None:
+        reason = f"'{variant_name}' won ({summary})"
+        outcome: dict[str, Any] = {"action": "promote", "variant": variant_name, "summary": summary}
+        # Claimed first: only the replica whose UPDATE took it acts; "promoting" until done.
+        if not self.store.transition(experiment["id"], "promoting", reason, ACTOR, outcome):
+            return None
+        return self._act(experiment, variant_name, reason, outcome)
+
+    def _act(
+        self, experiment: dict[str, Any], variant_name: str, reason: str, outcome: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Carry out a claimed promotion. Each step checks first whether it is done already
+        (the label on the version, an approval pending, the route on the model), so a
+        promotion that a dead replica left half done is finished, never done twice."""
         variant = next(v for v in experiment["variants"] if v["name"] == variant_name)
         label = None
         if variant.get("prompt"):
             label = self._route_label(experiment, variant["prompt"].partition("@")[0])
         protected = label is not None and self.prompts.is_protected(label)
         status = "awaiting_approval" if protected else "promoted"
-        reason = f"'{variant_name}' won ({summary})"
-        outcome: dict[str, Any] = {"action": "promote", "variant": variant_name, "summary": summary}
-        # Claimed first: only the replica whose UPDATE took it acts; "promoting" until done.
-        if not self.store.transition(experiment["id"], "promoting", reason, ACTOR, outcome):
-            return None
         caller = _system(experiment["project_id"])
+        project_id = experiment["project_id"]
         try:
             if variant.get("prompt"):
                 name, _, version = variant["prompt"].partition("@")
@@ -212,23 +278,29 @@ class ExperimentEvaluator:
                     raise ServiceError(
                         409, f"Route '{experiment['route']}' no longer targets a label of '{name}'."
                     )
-                if protected:
-                    approval = self.approvals.request(
-                        caller,
-                        "prompt",
-                        name,
-                        int(version),
-                        label,
-                        comment=f"Experiment '{experiment['name']}' ({experiment['id']}): {reason}",
-                    )
-                    outcome["approval_id"] = approval["id"]
+                if self._label_version(project_id, name, label) == int(version):
+                    status = "promoted"  # moved already (approved, or by the lost replica)
+                elif protected:
+                    pending = self._pending_approval(project_id, name, int(version), label)
+                    if pending is None:
+                        pending = self.approvals.request(
+                            caller,
+                            "prompt",
+                            name,
+                            int(version),
+                            label,
+                            comment=(
+                                f"Experiment '{experiment['name']}' ({experiment['id']}): {reason}"
+                            ),
+                        )
+                    outcome["approval_id"] = pending["id"]
                 else:
-                    self.prompts.set_label(
-                        experiment["project_id"], name, label, int(version), caller.actor
-                    )
+                    self.prompts.set_label(project_id, name, label, int(version), caller.actor)
                 outcome["label"] = label
             if variant.get("model"):
-                outcome["revision"] = self._serve_model(experiment, variant["model"], caller)
+                revision = self._serve_model(experiment, variant["model"], caller)
+                if revision is not None or "revision" not in outcome:
+                    outcome["revision"] = revision
         except ServiceError as exc:
             reason = f"{reason}; promoting failed: {exc.message}"
             self.store.amend(experiment["id"], "stopped", reason, {**outcome, "error": exc.message})
@@ -237,6 +309,75 @@ class ExperimentEvaluator:
         self.store.amend(experiment["id"], status, reason, outcome)
         log.warning("experiment %s %s: %s", experiment["id"], status, reason)
         return {"id": experiment["id"], "status": status, "reason": reason, "outcome": outcome}
+
+    def follow_approval(self, experiment: dict[str, Any]) -> dict[str, Any] | None:
+        """An experiment awaiting its approval: ``promoted`` once the request is approved
+        (the approval moved the label), ``rolled_back`` once it is rejected or cancelled."""
+        approval_id = (experiment.get("outcome") or {}).get("approval_id")
+        if not approval_id:
+            return None
+        try:
+            approval = self.approvals.get(experiment["project_id"], approval_id)
+        except ServiceError:
+            approval = {"status": "deleted", "decided_by": None}
+        state = approval.get("status")
+        if state == "pending":
+            return None
+        who = f" by {approval['decided_by']}" if approval.get("decided_by") else ""
+        outcome = {**(experiment.get("outcome") or {}), "approval_status": state}
+        if state == "approved":
+            status, reason = (
+                "promoted",
+                f"{experiment['reason']}; approval {approval_id} approved{who}",
+            )
+        else:
+            status = "rolled_back"
+            reason = f"approval {approval_id} was {state}{who}: the label was not moved"
+            outcome["action"] = "rollback"
+        changed = self.store.transition(
+            experiment["id"], status, reason, ACTOR, outcome, from_status="awaiting_approval"
+        )
+        if not changed:
+            return None
+        log.warning("experiment %s %s: %s", experiment["id"], status, reason)
+        return {"id": experiment["id"], "status": status, "reason": reason, "outcome": outcome}
+
+    def recover(self, experiment: dict[str, Any]) -> dict[str, Any] | None:
+        """An experiment left ``promoting`` (its replica died mid-promotion): claimed by one
+        replica, which finishes the promotion (checking each step first), or stops it with
+        the reason when that fails."""
+        if not self.store.claim(experiment["id"], "promoting", experiment["decided_at"]):
+            return None
+        outcome = dict(experiment.get("outcome") or {})
+        variant = outcome.get("variant")
+        if variant not in {v["name"] for v in experiment["variants"]}:
+            reason = "stopped: left promoting by a replica that stopped, with no variant to promote"
+            self.store.amend(experiment["id"], "stopped", reason, {**outcome, "action": "stop"})
+            return {"id": experiment["id"], "status": "stopped", "reason": reason}
+        log.warning("experiment %s: finishing a promotion left half done", experiment["id"])
+        reason = f"{experiment.get('reason') or ''} (promotion resumed after a replica stopped)"
+        return self._act(experiment, str(variant), reason.strip(), {**outcome, "resumed": True})
+
+    def _label_version(self, project_id: str, name: str, label: str) -> int | None:
+        """The version ``name@label`` points at, or None."""
+        try:
+            return int(self.prompts.get(project_id, name, label).version)
+        except ServiceError:
+            return None
+
+    def _pending_approval(
+        self, project_id: str, name: str, version: int, label: str
+    ) -> dict[str, Any] | None:
+        """A pending approval request for ``name@version`` onto ``label``, if one exists."""
+        for found in self.approvals.list_requests(project_id, "pending"):
+            if (found["resource_type"], found["name"], found["version"], found["label"]) == (
+                "prompt",
+                name,
+                version,
+                label,
+            ):
+                return found
+        return None
 
     def _route_label(self, experiment: dict[str, Any], prompt: str) -> str | None:
         """The label of ``prompt`` the route serves (``greeter@production`` -> production)."""
@@ -255,6 +396,8 @@ class ExperimentEvaluator:
         routes = self.running_config().instance_document().get("routes", [])
         for route in routes:
             if route["name"] == experiment["route"]:
+                if route.get("targets") == [{"model": model}]:
+                    return None  # served already (a promotion resumed after its revision)
                 route["targets"] = [{"model": model}]
                 break
         else:

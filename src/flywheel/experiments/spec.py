@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from flywheel.errors import ServiceError
 
-__all__ = ["DEFAULT_GUARDRAILS", "ExperimentSpec", "Guardrails", "Metric", "Variant"]
+__all__ = ["DEFAULT_GUARDRAILS", "MODES", "ExperimentSpec", "Guardrails", "Metric", "Variant"]
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 # "user" (the OpenAI ``user`` field), "session" (the x-flywheel-session header) or
@@ -21,6 +21,9 @@ NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 UNIT_PATTERN = re.compile(r"^(user|session|header:[A-Za-z0-9-]{1,100})$")
 METRIC_PATTERN = re.compile(r"^(feedback|judge:[A-Za-z0-9_.:-]{1,120})$")
 PROMPT_REF_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*@[0-9]+$")
+# "canary": the variants share the traffic and each serves its own; "shadow": the control
+# serves every call and the candidate answers a mirrored copy that is scored, never returned.
+MODES = ("canary", "shadow")
 
 
 class _Strict(BaseModel):
@@ -67,7 +70,9 @@ class Guardrails(_Strict):
     calls where a target failed before a fallback answered) more than
     ``max_error_rate_increase`` above the control's, a p95 latency more than
     ``max_latency_p95_ratio`` times the control's (and ``min_latency_increase_ms`` above
-    it), a mean cost more than ``max_cost_ratio`` times the control's."""
+    it), a mean cost more than ``max_cost_ratio`` times the control's, a share of calls
+    with a guard hit (an input or output guard that blocked, flagged or redacted) more than
+    ``max_guard_hit_rate_increase`` above the control's."""
 
     max_error_rate_increase: float | None = Field(default=0.05, ge=0, le=1)
     max_latency_p95_ratio: float | None = Field(default=3.0, gt=0)
@@ -75,6 +80,7 @@ class Guardrails(_Strict):
     # jitter alone makes ratios of 3.
     min_latency_increase_ms: float = Field(default=250.0, ge=0)
     max_cost_ratio: float | None = Field(default=None, gt=0)
+    max_guard_hit_rate_increase: float | None = Field(default=None, ge=0, le=1)
     min_samples: int = Field(default=20, ge=1, le=1_000_000)
 
 
@@ -90,6 +96,11 @@ class ExperimentSpec(_Strict):
     control: str | None = Field(
         default=None, description="The control variant's name; default: the first variant."
     )
+    mode: str = Field(
+        default="canary",
+        description="canary: the variants split the traffic; shadow: the control serves every "
+        "call and the candidate's share is mirrored to it in the background, scored, not served.",
+    )
     unit: str = "user"
     metric: Metric = Field(default_factory=Metric)
     guardrails: Guardrails = Field(default_factory=Guardrails)
@@ -104,8 +115,24 @@ class ExperimentSpec(_Strict):
             raise ValueError("unit is 'user', 'session' or 'header:<name>'")
         return value
 
+    @field_validator("mode")
+    @classmethod
+    def _mode(cls, value: str) -> str:
+        if value not in MODES:
+            raise ValueError(f"mode is one of: {', '.join(MODES)}")
+        return value
+
     def check(self) -> ExperimentSpec:
         """The checks across fields (a 400 naming the field); fills in the control."""
+        if self.mode == "shadow" and self.metric.source == "feedback":
+            # Users rate what they were served; a mirrored answer is never seen, never rated.
+            raise ServiceError(
+                400,
+                "A shadow experiment's metric must be an online judge's score "
+                "('judge:<score name>'): feedback only exists for served answers.",
+                "invalid_value",
+                "metric.source",
+            )
         names = [v.name for v in self.variants]
         if len(set(names)) != len(names):
             raise ServiceError(400, "Variant names must be unique.", "invalid_value", "variants")

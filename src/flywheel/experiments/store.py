@@ -14,7 +14,7 @@ import random
 import time
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from sqlalchemy import select, update
@@ -29,6 +29,7 @@ from flywheel.store.models import Experiment, ExperimentLook
 
 __all__ = [
     "ATTR_EXPERIMENT",
+    "ATTR_SHADOW",
     "ATTR_VARIANT",
     "Assignment",
     "ExperimentError",
@@ -36,10 +37,21 @@ __all__ = [
     "experiment_to_dict",
 ]
 
-STATUSES = ("running", "promoting", "awaiting_approval", "promoted", "rolled_back", "stopped")
-# The span attributes that say which experiment and variant served a call.
+# "finished": a shadow experiment decided (it recommends or rejects; it never serves).
+STATUSES = (
+    "running",
+    "promoting",
+    "awaiting_approval",
+    "promoted",
+    "rolled_back",
+    "stopped",
+    "finished",
+)
+# The span attributes that say which experiment and variant served a call, and (true) that
+# the call was a shadow experiment's mirrored copy, answered but never returned.
 ATTR_EXPERIMENT = "flywheel.experiment"
 ATTR_VARIANT = "flywheel.experiment.variant"
+ATTR_SHADOW = "flywheel.shadow"
 MAX_LOOKS_SHOWN = 2000
 
 
@@ -49,16 +61,25 @@ class ExperimentError(ServiceError):
 
 @dataclass(frozen=True)
 class Assignment:
-    """The variant a call was assigned to, and what it changes about the call."""
+    """The variant a call was assigned to, and what it changes about the call.
+
+    In a shadow experiment the call is always served by the control; ``mirror`` is the
+    candidate (``shadow`` set) when the call's unit falls in the candidate's share: the
+    gateway then sends it a copy of the call in the background."""
 
     experiment_id: str
     variant: str
     prompt: str | None
     model: str | None
+    shadow: bool = False
+    mirror: Assignment | None = None
 
     @property
     def attributes(self) -> dict[str, Any]:
-        return {ATTR_EXPERIMENT: self.experiment_id, ATTR_VARIANT: self.variant}
+        found: dict[str, Any] = {ATTR_EXPERIMENT: self.experiment_id, ATTR_VARIANT: self.variant}
+        if self.shadow:
+            found[ATTR_SHADOW] = True
+        return found
 
 
 @dataclass(frozen=True)
@@ -69,6 +90,8 @@ class _Active:
     header: str | None
     allocation: tuple[tuple[str, float], ...]
     variants: Mapping[str, Assignment]
+    mode: str = "canary"
+    control: str = ""
 
 
 def experiment_to_dict(row: Experiment) -> dict[str, Any]:
@@ -78,6 +101,7 @@ def experiment_to_dict(row: Experiment) -> dict[str, Any]:
         "route": row.route,
         "name": row.name,
         "status": row.status,
+        "mode": row.mode or "canary",
         "variants": row.variants,
         "control": row.control,
         "unit": row.unit,
@@ -124,7 +148,9 @@ def _active(row: Experiment) -> _Active:
         for v in row.variants
     }
     allocation = tuple((v["name"], float(v["share"])) for v in row.variants)
-    return _Active(row.id, _header_of(row.unit), allocation, variants)
+    return _Active(
+        row.id, _header_of(row.unit), allocation, variants, row.mode or "canary", row.control
+    )
 
 
 class ExperimentStore:
@@ -156,7 +182,14 @@ class ExperimentStore:
         unit = user if active.header is None else (headers or {}).get(active.header)
         if not unit:
             unit = uuid.UUID(int=self._rng.getrandbits(128)).hex
-        return active.variants[assign(active.id, unit, active.allocation)]
+        picked = active.variants[assign(active.id, unit, active.allocation)]
+        if active.mode != "shadow":
+            return picked
+        control = active.variants[active.control]
+        if picked.variant == control.variant:
+            return control
+        # Served by the control; the candidate answers a mirrored copy.
+        return replace(control, mirror=replace(picked, shadow=True))
 
     # -- create, read, stop ------------------------------------------------------------------
 
@@ -258,6 +291,7 @@ class ExperimentStore:
                 route=spec.route,
                 name=spec.name,
                 status="running",
+                mode=spec.mode,
                 variants=[v.model_dump() for v in spec.variants],
                 control=spec.control,
                 unit=spec.unit,
@@ -335,9 +369,31 @@ class ExperimentStore:
 
     def running(self) -> list[dict[str, Any]]:
         """Every running experiment, of every project."""
+        return self.with_status("running")
+
+    def with_status(self, status: str, decided_before: float | None = None) -> list[dict[str, Any]]:
+        """Every experiment in ``status``, of every project (decided before a time: the
+        promotions a replica left half done)."""
+        query = select(Experiment).where(Experiment.status == status)
+        if decided_before is not None:
+            query = query.where(Experiment.decided_at < decided_before)
         with self.db.session() as session:
-            rows = session.scalars(select(Experiment).where(Experiment.status == "running"))
-            return [experiment_to_dict(r) for r in rows]
+            return [experiment_to_dict(r) for r in session.scalars(query)]
+
+    def claim(self, experiment_id: str, status: str, decided_at: float | None) -> bool:
+        """Take over an experiment left in ``status`` since ``decided_at``: True for the one
+        replica whose conditional UPDATE moved its ``decided_at`` to now."""
+        with self.db.session() as session:
+            result = session.execute(
+                update(Experiment)
+                .where(
+                    Experiment.id == experiment_id,
+                    Experiment.status == status,
+                    Experiment.decided_at == decided_at,
+                )
+                .values(decided_at=time.time())
+            )
+            return bool(result.rowcount == 1)  # type: ignore[attr-defined]
 
     def last_look(self, experiment_id: str) -> dict[str, Any] | None:
         with self.db.session() as session:
@@ -360,14 +416,15 @@ class ExperimentStore:
         reason: str,
         actor: str,
         outcome: dict[str, Any],
+        from_status: str = "running",
     ) -> bool:
-        """Move a running experiment to ``status``, audited; False when it was no longer
-        running (another replica, or a person, decided it first)."""
+        """Move an experiment from ``from_status`` (running) to ``status``, audited; False
+        when it was no longer there (another replica, or a person, decided it first)."""
         now = time.time()
         with self.db.session() as session:
             result = session.execute(
                 update(Experiment)
-                .where(Experiment.id == experiment_id, Experiment.status == "running")
+                .where(Experiment.id == experiment_id, Experiment.status == from_status)
                 .values(
                     status=status,
                     reason=reason,
@@ -386,7 +443,7 @@ class ExperimentStore:
                 resource_type="experiment",
                 resource_id=experiment_id,
                 project_id=row.project_id,
-                before={"status": "running"},
+                before={"status": from_status},
                 after={"status": status, "reason": reason, "outcome": outcome},
                 session=session,
             )

@@ -70,7 +70,8 @@ PromptResolver = Callable[[str, str], PromptVersion]
 
 class VariantPick(Protocol):
     """What the gateway needs of an experiment's variant
-    (``flywheel.experiments.store.Assignment``)."""
+    (``flywheel.experiments.store.Assignment``): ``mirror``, in a shadow experiment, is the
+    candidate that answers a copy of the call in the background (never returned)."""
 
     @property
     def prompt(self) -> str | None: ...
@@ -78,6 +79,8 @@ class VariantPick(Protocol):
     def model(self) -> str | None: ...
     @property
     def attributes(self) -> dict[str, Any]: ...
+    @property
+    def mirror(self) -> VariantPick | None: ...
 
 
 # (project_id, route, the request's ``user``, the request's headers) -> the variant of the
@@ -153,6 +156,11 @@ class _Call:
     cached: dict[str, Any] | None = None
     # The experiment variant serving this call, when its route runs an experiment.
     variant: VariantPick | None = None
+    # A shadow experiment's candidate and the request as the caller sent it: mirrored to
+    # the candidate once the call is admitted.
+    mirror: tuple[VariantPick, ChatCompletionRequest] | None = None
+    # Set once the call's span is recorded (a mirrored call's failure is recorded once).
+    recorded: bool = False
 
 
 def _has_content(chunk: dict[str, Any]) -> bool:
@@ -249,6 +257,8 @@ class Gateway:
         self.cache.metrics = metrics
         self._fingerprints = _cache_fingerprints(config)
         self.assign_variant = assign_variant
+        # Mirrored calls of shadow experiments in flight (a reference keeps each task alive).
+        self._shadows: set[asyncio.Task[None]] = set()
 
     def reconfigure(self, config: FlywheelConfig) -> None:
         """Serve a new catalog, routes and guards; calls in flight finish on the old ones."""
@@ -425,8 +435,17 @@ class Gateway:
         if picked is None:
             return request
         call.variant = picked
+        if picked.mirror is not None:
+            call.mirror = (picked.mirror, request)
         # Each variant's own answers are measured: none served from, or stored in, the cache.
         call.ctx.cache_lookup = call.ctx.cache_store = False
+        return self._variant_request(picked, request)
+
+    @staticmethod
+    def _variant_request(
+        picked: VariantPick, request: ChatCompletionRequest
+    ) -> ChatCompletionRequest:
+        """The request as ``picked`` answers it: its prompt version in the route's place."""
         if picked.prompt is None:
             return request
         return ChatCompletionRequest.model_validate(
@@ -437,6 +456,63 @@ class Gateway:
                 "retrieval": request.retrieval,
             }
         )
+
+    def _start_mirror(self, call: _Call) -> None:
+        """Send a shadow experiment's candidate its copy of an admitted call, in the
+        background: the caller's answer never waits for it, nor fails with it."""
+        if call.mirror is None:
+            return
+        (picked, request), call.mirror = call.mirror, None
+        ctx = call.ctx
+        shadow_ctx = CallContext(
+            api_key_id=ctx.api_key_id,
+            project_id=ctx.project_id,
+            allowed_models=ctx.allowed_models,
+            # No limit subjects: not billed to the caller's budgets, not counted against
+            # their rate limits (the caller asked for one call, not two).
+            limit_subjects=(),
+            attributes={"flywheel.shadow.of": ctx.trace_id},
+            cache_lookup=False,
+            cache_store=False,
+            headers=ctx.headers,
+        )
+        params = {k: v for k, v in request.params.items() if k not in ("stream", "stream_options")}
+        # A streamed call is mirrored as a plain one: nobody reads the candidate's stream.
+        mirrored = ChatCompletionRequest.model_validate(
+            {
+                **params,
+                "model": request.model,
+                "variables": request.variables,
+                "retrieval": request.retrieval,
+            }
+        )
+        task = asyncio.create_task(self._shadow_call(mirrored, shadow_ctx, picked))
+        self._shadows.add(task)
+        task.add_done_callback(self._shadows.discard)
+
+    async def _shadow_call(
+        self, request: ChatCompletionRequest, ctx: CallContext, picked: VariantPick
+    ) -> None:
+        """One mirrored call, traced like any chat call (its variant's attributes with
+        ``flywheel.shadow``); a failure is recorded on its own span and goes no further."""
+        call = _Call(ctx, "gateway.chat", request.model, False, request.params)
+        call.variant = picked
+        try:
+            await self._complete(call, self._variant_request(picked, request))
+        except Exception as exc:
+            if not call.recorded:
+                error = (
+                    exc
+                    if isinstance(exc, GatewayError)
+                    else GatewayError(500, f"The mirrored call failed: {exc}", code="shadow_failed")
+                )
+                self._record(call, error=error)
+            log.info("mirrored call %s failed: %s", ctx.trace_id, exc)
+
+    async def drain_shadows(self, timeout: float = 10.0) -> None:
+        """Wait for the mirrored calls in flight (shutdown, tests)."""
+        if self._shadows:
+            await asyncio.wait(set(self._shadows), timeout=timeout)
 
     # -- retrieval (rag) ---------------------------------------------------------------------
 
@@ -637,14 +713,17 @@ class Gateway:
         route: RouteConfig,
         request: ChatCompletionRequest | EmbeddingRequest,
     ) -> None:
-        """Reserve against the caller's limits and budgets; a refusal is traced, then a 429."""
+        """Reserve against the caller's limits and budgets; a refusal is traced, then a 429.
+        An admitted call of a shadow experiment starts its mirrored copy."""
         if self.limiter is None or not call.ctx.limit_subjects:
+            self._start_mirror(call)
             return
         call.estimate, cost = self._estimate(route, request)
         try:
             call.reservation = await self.limiter.acquire(
                 call.ctx.limit_subjects, call.estimate["total_tokens"], cost
             )
+            self._start_mirror(call)
             return
         except LimitExceeded as exc:
             wait = exc.retry_after
@@ -905,6 +984,10 @@ class Gateway:
         if pipeline is not None:
             return await self._pipeline(call, pipeline, request)
         request = self._experiment(call, request)
+        return await self._complete(call, request)
+
+    async def _complete(self, call: _Call, request: ChatCompletionRequest) -> dict[str, Any]:
+        """A non-streamed completion once its variant is known (a mirrored call starts here)."""
         request = await self._prepare(call, request)
         policy = self._policy(call)
         if policy is not None and policy.input:
@@ -1188,6 +1271,7 @@ class Gateway:
         error: GatewayError | None = None,
         status: str = "ok",
     ) -> None:
+        call.recorded = True
         usage = usage or {}
         prompt = usage.get("prompt_tokens")
         completion = usage.get("completion_tokens")

@@ -36,6 +36,7 @@ BUILTIN_KINDS: dict[str, str] = {
     "eval.run": "flywheel.evals.jobs",
     "kb.ingest": "flywheel.rag.jobs",
     "prompt.optimize": "flywheel.prompts.optimize",
+    "loop.step": "flywheel.loop.steps",
 }
 
 

@@ -64,14 +64,15 @@ def serving_patch(
     *,
     served_name: str,
     source: str,
-    route: str,
+    route: str | None,
     provider: str = "local",
     weight: float | None = None,
     replace: bool = False,
     status: ServingStatus = "experimental",
 ) -> dict[str, Any]:
     """A new config document (``document`` is left untouched) that serves ``source`` as the
-    catalog chat model ``served_name`` of ``provider`` and sends ``route`` to it.
+    catalog chat model ``served_name`` of ``provider`` and sends ``route`` to it (with no
+    ``route``, only the catalog entry is added or updated: an eval or an experiment calls it).
 
     The catalog entry is added, or updated when it already serves the same ``source`` (a
     status change). The route is created with the model as its only target, or extended
@@ -82,7 +83,8 @@ def serving_patch(
     already names another model or a route.
     """
     _catalog_name(served_name, "served_name")
-    _catalog_name(route, "route")
+    if route is not None:
+        _catalog_name(route, "route")
     if status not in ("approved", "experimental"):
         raise RegistryError(
             400, "status is 'approved' or 'experimental'.", "invalid_value", "status"
@@ -127,6 +129,9 @@ def serving_patch(
     else:
         existing.update(entry, status=status)
 
+    if route is None:
+        _check(patched)
+        return patched
     target: dict[str, Any] = {"model": served_name}
     if weight is not None:
         target["weight"] = weight

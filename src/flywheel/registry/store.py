@@ -652,6 +652,28 @@ class ModelRegistry:
             )
         return self._move(session, project_id, model, label, row, actor, approval_id)
 
+    def revert_label(
+        self,
+        project_id: str,
+        name: str,
+        label: str,
+        version: int | None,
+        actor: str,
+        approval_id: str,
+    ) -> dict[str, Any]:
+        """Put a label an approval moved back onto ``version`` (None removes it), citing that
+        approval: what a canary that lost does to the move its approval made."""
+        with self.db.session() as session:
+            model = self._model(session, project_id, name)
+            row = None
+            if version is not None:
+                row = session.scalar(
+                    select(ModelVersion).where(
+                        ModelVersion.model_id == model.id, ModelVersion.version == version
+                    )
+                )
+            return self._move(session, project_id, model, label, row, actor, approval_id)
+
     def remove_alias(self, project_id: str, name: str, alias: str, actor: str) -> None:
         """Remove an unprotected alias (a protected one only moves, through approvals)."""
         self._check_alias(alias, via_approval=False)
@@ -800,7 +822,7 @@ class ModelRegistry:
         ref: str,
         document: Mapping[str, Any],
         *,
-        route: str,
+        route: str | None,
         provider: str = "local",
         weight: float | None = None,
         replace: bool = False,

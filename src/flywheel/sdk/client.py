@@ -33,6 +33,7 @@ from flywheel.sdk._paths import api_path as _path
 from flywheel.sdk.evals import Datasets, Evals, Feedback
 from flywheel.sdk.experiments import Experiments
 from flywheel.sdk.jobs import Jobs, Models, Runs
+from flywheel.sdk.loops import Loops
 from flywheel.sdk.monitor import Alerts, Guards, Monitor
 from flywheel.sdk.rag import KnowledgeBases, Pipelines
 
@@ -450,7 +451,7 @@ class Config:
 class Client:
     """A Flywheel server: ``prompts``, ``approvals``, ``config``, ``datasets``,
     ``feedback``, ``evals``, ``monitor``, ``guards``, ``alerts``, ``kbs``, ``pipelines``,
-    ``jobs``, ``runs``, ``models`` and ``chat``.
+    ``jobs``, ``runs``, ``models``, ``experiments``, ``loops`` and ``chat``.
 
     ``base_url`` defaults to ``FLYWHEEL_BASE_URL`` (else ``http://127.0.0.1:8000``) and
     ``api_key`` to ``FLYWHEEL_API_KEY``. ``project`` picks a project for keys that may act
@@ -494,6 +495,7 @@ class Client:
         self.pipelines = Pipelines(self)
         self.jobs = Jobs(self)
         self.experiments = Experiments(self)
+        self.loops = Loops(self)
         self.runs = Runs(self)
         self.models = Models(self)
 

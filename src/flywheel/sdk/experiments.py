@@ -8,6 +8,15 @@ exp = client.experiments.create(
 )
 client.experiments.get(exp["id"])["looks"][-1]["p_value"]
 client.experiments.stop(exp["id"])
+
+# Shadow mode: the control serves every call; 20 % of them are mirrored to the candidate,
+# whose answers an online judge scores. The outcome recommends or rejects it.
+client.experiments.create(
+    "greeter-v3-shadow", route="greeter-route", mode="shadow",
+    variants=[{"name": "control", "share": 0.8},
+              {"name": "v3", "prompt": "greeter@3", "share": 0.2}],
+    metric={"source": "judge:relevance"},
+)
 """
 
 from __future__ import annotations
@@ -34,6 +43,7 @@ class Experiments:
         route: str,
         variants: list[dict[str, Any]],
         control: str | None = None,
+        mode: str = "canary",
         unit: str = "user",
         metric: dict[str, Any] | None = None,
         guardrails: dict[str, Any] | None = None,
@@ -43,13 +53,16 @@ class Experiments:
     ) -> dict[str, Any]:
         """Start an experiment on ``route``: ``variants`` are ``{name, share, prompt?,
         model?}`` (shares summing to 1); the first is the control unless ``control`` names
-        another. Bad input is a 400 naming the field."""
+        another. ``mode="shadow"`` serves the control only and mirrors the candidate's share
+        to it (the metric must then be ``judge:<score name>``). Bad input is a 400 naming
+        the field."""
         body = _clean(
             {
                 "name": name,
                 "route": route,
                 "variants": variants,
                 "control": control,
+                "mode": mode,
                 "unit": unit,
                 "metric": metric,
                 "guardrails": guardrails,

@@ -382,9 +382,15 @@ class AuditLog:
         since: float | None,
         until: float | None,
         before_seq: int | None,
+        resource_type: str | None = None,
+        resource_id: str | None = None,
     ) -> Select[Any]:
         if project_id is not None:
             query = query.where(AuditEvent.project_id == project_id)
+        if resource_type is not None:
+            query = query.where(AuditEvent.resource_type == resource_type)
+        if resource_id is not None:
+            query = query.where(AuditEvent.resource_id == resource_id)
         if action is not None:
             query = query.where(AuditEvent.action == action)
         if actor is not None:
@@ -470,12 +476,15 @@ class AuditLog:
         until: float | None = None,
         limit: int = 100,
         before_seq: int | None = None,
+        resource_type: str | None = None,
+        resource_id: str | None = None,
     ) -> builtins.list[AuditEvent]:
         """Matching entries, newest first, at most ``limit`` (1 to 1000).
 
         ``project_id`` narrows to one project; None means every project, so callers enforce
         isolation. ``since`` is inclusive and ``until`` exclusive (unix seconds). For the next
-        page pass the last entry's seq as ``before_seq``.
+        page pass the last entry's seq as ``before_seq``. ``resource_type`` and
+        ``resource_id`` narrow to one thing's history (a loop, an experiment).
         """
         if not 1 <= limit <= MAX_LIST_LIMIT:
             raise ValueError(f"limit must be between 1 and {MAX_LIST_LIMIT}")
@@ -487,6 +496,8 @@ class AuditLog:
             since=since,
             until=until,
             before_seq=before_seq,
+            resource_type=resource_type,
+            resource_id=resource_id,
         )
         query = query.order_by(AuditEvent.seq.desc()).limit(limit)
         with self.db.sessions() as session:

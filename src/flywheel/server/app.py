@@ -29,6 +29,7 @@ from flywheel.server.routers import (
     evals,
     experiments,
     jobs,
+    loops,
     models,
     monitor,
     openai,
@@ -43,6 +44,7 @@ from flywheel.ui import evals as ui_evals
 from flywheel.ui import experiments as ui_experiments
 from flywheel.ui import govern
 from flywheel.ui import jobs as ui_jobs
+from flywheel.ui import loops as ui_loops
 from flywheel.ui import monitor as ui_monitor
 from flywheel.ui import prompts as ui_prompts
 from flywheel.ui import rag as ui_rag
@@ -108,6 +110,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(rag.router)
     app.include_router(jobs.router)
     app.include_router(experiments.router)
+    app.include_router(loops.router)
     app.include_router(models.router)
     ui.install(app)
     app.include_router(govern.router)
@@ -118,6 +121,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(ui_rag.router)
     app.include_router(ui_jobs.router)
     app.include_router(ui_experiments.router)
+    app.include_router(ui_loops.router)
     app.include_router(ui_registry.router)
     app.include_router(ui_admin.router)
 

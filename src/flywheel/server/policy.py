@@ -130,6 +130,13 @@ POLICY: dict[tuple[str, str], Permission] = {
     ("POST", "/api/experiments"): P.CONFIG_WRITE,
     ("GET", "/api/experiments/{experiment_id}"): P.CONFIG_READ,
     ("POST", "/api/experiments/{experiment_id}/stop"): P.CONFIG_WRITE,
+    # Flywheel API: `flywheel loop` (each step is a job; the loop applies config and starts
+    # experiments, so starting and steering it needs what experiments need).
+    ("GET", "/api/loops"): P.JOBS_READ,
+    ("POST", "/api/loops"): P.CONFIG_WRITE,
+    ("GET", "/api/loops/{loop_id}"): P.JOBS_READ,
+    ("POST", "/api/loops/{loop_id}/resume"): P.CONFIG_WRITE,
+    ("POST", "/api/loops/{loop_id}/cancel"): P.CONFIG_WRITE,
     # Flywheel API: jobs and experiment tracking.
     ("GET", "/api/jobs/kinds"): P.JOBS_READ,
     ("GET", "/api/jobs"): P.JOBS_READ,
@@ -258,6 +265,12 @@ POLICY: dict[tuple[str, str], Permission] = {
     # Web UI: canary experiments.
     ("GET", "/experiments"): P.CONFIG_READ,
     ("GET", "/experiments/{experiment_id}"): P.CONFIG_READ,
+    # Web UI: `flywheel loop` timelines.
+    ("GET", "/loops"): P.JOBS_READ,
+    ("POST", "/loops"): P.CONFIG_WRITE,
+    ("GET", "/loops/{loop_id}"): P.JOBS_READ,
+    ("POST", "/loops/{loop_id}/resume"): P.CONFIG_WRITE,
+    ("POST", "/loops/{loop_id}/cancel"): P.CONFIG_WRITE,
     # Web UI: jobs, experiment tracking and the model registry.
     ("GET", "/jobs"): P.JOBS_READ,
     ("POST", "/jobs"): P.JOBS_WRITE,

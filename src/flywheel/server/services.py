@@ -33,6 +33,9 @@ from flywheel.gateway.cache import RouteCache, make_cache_store
 from flywheel.gateway.limits import BudgetAlert, Limiter, Limits, Subject, make_limiter
 from flywheel.jobs import JobError, JobStore, JobSupervisor, job_kind, job_kinds, local_launcher
 from flywheel.jobs.supervisor import Launcher
+from flywheel.loop import LoopStore, parse_loop_spec
+from flywheel.loop.driver import LoopDriver
+from flywheel.loop.steps import route_base
 from flywheel.monitor.alerts import AlertEvaluator, AlertRules
 from flywheel.monitor.drift import DriftMonitor
 from flywheel.monitor.metrics import route_names
@@ -164,6 +167,8 @@ class Services:
     alerts: AlertEvaluator = field(init=False)
     experiments: ExperimentStore = field(init=False)
     experiment_evaluator: ExperimentEvaluator = field(init=False)
+    loops: LoopStore = field(init=False)
+    loop_driver: LoopDriver = field(init=False)
     new_admin_key: str | None = None
     exporter: OtlpExporter | None = None
     supervisor: JobSupervisor | None = None
@@ -175,6 +180,7 @@ class Services:
     _monitor: asyncio.Task[None] | None = field(default=None, repr=False)
     _retention: asyncio.Task[None] | None = field(default=None, repr=False)
     _experiment_task: asyncio.Task[None] | None = field(default=None, repr=False)
+    _loop_task: asyncio.Task[None] | None = field(default=None, repr=False)
     _retired: list[Provider] = field(default_factory=list, repr=False)
 
     # How often a replica looks for a config revision applied elsewhere.
@@ -219,6 +225,10 @@ class Services:
             self.approvals,
             self.configs.apply,
             lambda: self.config,
+        )
+        self.loops = LoopStore(self.db, self.audit)
+        self.loop_driver = LoopDriver(
+            self.loops, self.jobs, self.submit_job, self.approvals, self.experiments
         )
         self.metrics.add_queue(
             "flywheel_trace_writer_pending",
@@ -538,6 +548,8 @@ class Services:
         self._monitor = asyncio.create_task(self._monitor_loop())
         self._retention = asyncio.create_task(self._retention_loop())
         self._experiment_task = asyncio.create_task(self._experiment_loop())
+        if self.settings.jobs_enabled:
+            self._loop_task = asyncio.create_task(self._drive_loops())
         if self.settings.jobs_enabled and self.settings.job_concurrency > 0:
             self.supervisor = JobSupervisor(
                 self.jobs,
@@ -553,7 +565,7 @@ class Services:
         caller: Principal,
         ref: str,
         *,
-        route: str,
+        route: str | None,
         provider: str = "local",
         weight: float | None = None,
         replace: bool = False,
@@ -696,6 +708,32 @@ class Services:
             except Exception:
                 log.exception("experiment evaluation failed")
 
+    async def _drive_loops(self) -> None:
+        """Move every active `flywheel loop` along (see flywheel.loop.driver)."""
+        while True:
+            await asyncio.sleep(self.settings.loop_interval)
+            try:
+                await asyncio.to_thread(self.loop_driver.tick)
+            except Exception:
+                log.exception("the loop driver failed")
+
+    def start_loop(self, caller: Principal, body: dict[str, Any]) -> dict[str, Any]:
+        """Start `flywheel loop` on a route (checked against the running config: a route
+        whose targets are models, and jobs enabled on this instance)."""
+        spec = parse_loop_spec(body)
+        if not self.settings.jobs_enabled:
+            raise ServiceError(
+                400,
+                "Jobs are disabled on this instance (FLYWHEEL_JOBS_ENABLED): the loop runs "
+                "each step as a job.",
+                "jobs_disabled",
+            )
+        try:
+            route_base(self, spec.route)
+        except ServiceError as exc:
+            raise ServiceError(400, exc.message, "invalid_value", "route") from None
+        return self.loops.create(caller.project_id, spec, caller.actor, caller.identity)
+
     async def _retention_loop(self) -> None:
         while True:
             try:
@@ -745,9 +783,12 @@ class Services:
             self._monitor,
             self._retention,
             self._experiment_task,
+            self._loop_task,
         ):
             if task is not None and not task.done():
                 task.cancel()
+        # Shadow calls still running finish (and are traced) before the writer's last flush.
+        await self.gateway.drain_shadows(5.0)
         await self.online.close()
         await self.evals.close()
         await self.providers.aclose()

@@ -866,6 +866,9 @@ class Experiment(Base):
     reason: Mapped[str | None] = mapped_column(Text, nullable=True)
     # What the decision did: the winning variant, the approval request, the config revision.
     outcome: Mapped[Any] = mapped_column(JSON, nullable=True)
+    # "canary": variants share the traffic; "shadow": the control serves every call and the
+    # candidate answers a mirrored copy that is scored but never returned.
+    mode: Mapped[str] = mapped_column(String(16), default="canary", server_default="canary")
 
 
 class ExperimentLook(Base):
@@ -886,3 +889,32 @@ class ExperimentLook(Base):
     ci_high: Mapped[float | None] = mapped_column(Float, nullable=True)
     # continue | win | loss | breach
     decision: Mapped[str] = mapped_column(String(16))
+
+
+class Loop(Base):
+    """One run of ``flywheel loop``: a route's bad answers, step by step, to a gated, approved
+    canary of a better model. Each step runs as a job; ``steps`` keeps every step's job, its
+    result and its state, so a loop resumes at the step that failed or was cut off."""
+
+    __tablename__ = "loops"
+    __table_args__ = (Index("ix_loops_project_status", "project_id", "status"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    project_id: Mapped[str] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"))
+    route: Mapped[str] = mapped_column(String(128))
+    # running | waiting | failed | promoted | rolled_back | rejected | cancelled | stopped
+    status: Mapped[str] = mapped_column(String(24))
+    # The step the loop is at (collect, dataset, train, ...).
+    step: Mapped[str] = mapped_column(String(32))
+    spec: Mapped[Any] = mapped_column(JSON)
+    # {step: {status, job_id, attempts, result, error, started_at, finished_at}}
+    steps: Mapped[Any] = mapped_column(JSON)
+    # Bumped by every change: replicas advancing one loop update it only when it is unchanged.
+    revision: Mapped[int] = mapped_column(Integer, default=0)
+    reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[float] = mapped_column(Float)
+    created_by: Mapped[str] = mapped_column(String(200))
+    # Whose identity the loop's jobs and versions carry (the four-eyes rule's author).
+    author_id: Mapped[str] = mapped_column(String(200))
+    updated_at: Mapped[float] = mapped_column(Float)
+    finished_at: Mapped[float | None] = mapped_column(Float, nullable=True)

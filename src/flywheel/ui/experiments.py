@@ -33,6 +33,8 @@ STATUS_CLASSES = {
     "awaiting_approval": "status-pending",
     "rolled_back": "status-error",
     "stopped": "status-cancelled",
+    # A shadow experiment decided: its outcome (recommend / reject) is shown beside it.
+    "finished": "status-ok",
 }
 # The normal quantile of a two-sided 95 % interval, for each variant's own mean.
 Z95 = 1.959964

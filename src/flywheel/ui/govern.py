@@ -144,6 +144,8 @@ def audit_page(
     actor: str | None = None,
     before_seq: int | None = None,
     verify: bool = False,
+    resource_type: str | None = None,
+    resource_id: str | None = None,
     user: Principal = Depends(ui_authorize),
 ) -> Response:
     """The project's audit entries, newest first; the chain is verified on request (it walks
@@ -155,6 +157,8 @@ def audit_page(
         actor=actor or None,
         limit=AUDIT_PAGE_SIZE,
         before_seq=before_seq,
+        resource_type=resource_type or None,
+        resource_id=resource_id or None,
     )
     rows = [audit_to_dict(e) for e in events]
     more = len(rows) == AUDIT_PAGE_SIZE
@@ -165,7 +169,12 @@ def audit_page(
             "nav": "audit",
             "rows": rows,
             "verification": audit.verify() if verify else None,
-            "filters": {"action": action or "", "actor": actor or ""},
+            "filters": {
+                "action": action or "",
+                "actor": actor or "",
+                "resource_type": resource_type or "",
+                "resource_id": resource_id or "",
+            },
             "next_seq": rows[-1]["seq"] if more and rows else None,
         },
     )

@@ -340,8 +340,11 @@ async def list_audit(
     before_seq: int | None = Query(default=None, ge=0, le=MAX_SQL_INT),
     limit: int = Query(default=100, ge=1, le=1000),
     all_projects: bool = Query(default=False, description="Instance admins: every project."),
+    resource_type: str | None = Query(default=None, max_length=64),
+    resource_id: str | None = Query(default=None, max_length=200),
 ) -> Any:
-    """Audit entries, newest first; pass the last ``seq`` as ``before_seq`` for more."""
+    """Audit entries, newest first; pass the last ``seq`` as ``before_seq`` for more;
+    ``resource_type`` and ``resource_id`` narrow to one thing's history."""
     events = await call_service(
         services(request).audit.list,
         project_id=_audit_scope(principal(request), all_projects),
@@ -351,6 +354,8 @@ async def list_audit(
         until=until,
         limit=limit,
         before_seq=before_seq,
+        resource_type=resource_type,
+        resource_id=resource_id,
     )
     return {"data": [audit_to_dict(e) for e in events]}
 

@@ -1,5 +1,5 @@
-"""``/api/experiments``: canary experiments on routes (create, list, show with the looks
-history, stop). The evaluator decides them in the background (flywheel.experiments)."""
+"""``/api/experiments``: canary and shadow experiments on routes (create, list, show with
+the looks history, stop). The evaluator decides them in the background (flywheel.experiments)."""
 
 from __future__ import annotations
 
@@ -29,7 +29,9 @@ router = APIRouter(
 @router.post("/experiments", status_code=201, openapi_extra=json_body(ExperimentSpec))
 async def create_experiment(request: Request) -> Any:
     """Start an experiment on a route: its calls are split between the variants (sticky by
-    the unit) until the evaluator promotes the candidate or rolls it back."""
+    the unit) until the evaluator promotes the candidate or rolls it back. In ``shadow``
+    mode the control serves every call and the candidate's share is mirrored to it, scored
+    by a judge; the decision recommends or rejects the candidate and serves nothing."""
     spec = await read_json(request, ExperimentSpec)
     caller = principal(request)
     svc = services(request)
