@@ -48,8 +48,13 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
+# Test files are spread over TEST_WORKERS processes (pytest-xdist, a file stays on one
+# worker so its module fixtures start once): most tests wait on servers, not on the CPU.
+TEST_WORKERS ?= 3
+PYTEST := $(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile
+
 pytest: install browser
-	$(BIN)/pytest
+	$(PYTEST)
 
 # The store, gateway and RAG tests again on a real PostgreSQL server (tests/pg.py starts one
 # on loopback from the machine's binaries and removes it afterwards). Files that never touch
@@ -66,7 +71,7 @@ PG_TESTS := $(addprefix tests/,$(addsuffix .py, \
 	test_rotating_the_master_key_keeps_secrets_readable)
 
 pytest-postgres: install browser
-	$(BIN)/pytest --db=postgres $(PG_TESTS)
+	$(PYTEST) --db=postgres $(PG_TESTS)
 
 test: lint typecheck pytest pytest-postgres
 

@@ -19,7 +19,6 @@ from urllib.parse import quote, urlencode
 from fastapi import APIRouter, Depends, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import RedirectResponse, Response
-from sqlalchemy import select
 
 from flywheel.errors import ServiceError
 from flywheel.loop.store import ACTIVE, STATUSES
@@ -27,7 +26,6 @@ from flywheel.sdk.loops import summarize_step
 from flywheel.security import Permission, Principal
 from flywheel.server.http import services
 from flywheel.server.services import Services
-from flywheel.store.models import AuditEvent
 from flywheel.ui.datasets import error_page, form_fields, number, whole
 from flywheel.ui.jobs import job_url, run_url, version_url
 from flywheel.ui.prompts import PageError
@@ -157,27 +155,19 @@ def loop_view(loop: Mapping[str, Any]) -> dict[str, Any]:
 
 def audit_entries(svc: Services, project_id: str, loop_id: str) -> list[dict[str, Any]]:
     """The loop's audit entries, oldest first: its start, every step and its end."""
-    with svc.db.session() as session:
-        rows = session.scalars(
-            select(AuditEvent)
-            .where(
-                AuditEvent.project_id == project_id,
-                AuditEvent.resource_type == "loop",
-                AuditEvent.resource_id == loop_id,
-            )
-            .order_by(AuditEvent.seq)
-            .limit(AUDIT_ENTRIES)
-        )
-        return [
-            {
-                "seq": row.seq,
-                "ts": row.ts,
-                "actor": row.actor,
-                "action": row.action,
-                "after": row.after or {},
-            }
-            for row in rows
-        ]
+    rows = svc.audit.list(
+        project_id=project_id, resource_type="loop", resource_id=loop_id, limit=AUDIT_ENTRIES
+    )
+    return [
+        {
+            "seq": row.seq,
+            "ts": row.ts,
+            "actor": row.actor,
+            "action": row.action,
+            "after": row.after or {},
+        }
+        for row in reversed(rows)
+    ]
 
 
 def loop_routes(svc: Services) -> list[str]:
