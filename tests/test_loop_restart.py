@@ -65,13 +65,15 @@ def test_a_loop_runs_its_step_again_after_a_restart(tmp_path: Path, upstream: Fa
             loop_id = started.json()["id"]
 
             def training_job() -> dict | None:
+                loop = api.get(f"/api/loops/{loop_id}").json()
+                assert loop["status"] == "running", loop
                 step = _train(api, loop_id)
                 if step["status"] != "running":
                     return None
                 job = api.get(f"/api/jobs/{step['job_id']}").json()
                 return job if job["status"] == "running" and job["pid"] else None
 
-            job = _until(training_job, 120, "the training job to run")
+            job = _until(training_job, 240, "the training job to run")
         # The machine goes down: the server and its job process die at once.
         server.process.send_signal(signal.SIGKILL)
         server.process.wait(30)
