@@ -232,8 +232,11 @@ def test_read_only_keys_see_loops_but_cannot_steer_them(
 
 
 def test_cli_starts_lists_shows_and_cancels(
-    api: httpx.Client, loop_server: RunningServer, tmp_path: Path
+    api: httpx.Client, loop_server: RunningServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # The CLI's console took its width when first imported (80 columns without a terminal):
+    # wide enough for the tables' whole ids.
+    monkeypatch.setattr(console, "width", 250)
     runner = CliRunner()
     env = {
         "FLYWHEEL_BASE_URL": loop_server.base_url,

@@ -249,7 +249,9 @@ def test_box_never_shows_the_key() -> None:
     assert box.key_id in repr(box)
 
 
-@pytest.mark.parametrize("bad", [b"", b"short", os.urandom(16), os.urandom(33)])
+@pytest.mark.parametrize(
+    "bad", [b"", b"short", os.urandom(16), os.urandom(33)], ids=["empty", "short", "16", "33"]
+)
 def test_box_refuses_a_key_of_the_wrong_size(bad: bytes) -> None:
     with pytest.raises(MasterKeyError, match="exactly 32 bytes"):
         SecretBox(bad)

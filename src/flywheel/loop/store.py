@@ -264,8 +264,8 @@ class LoopStore:
         return self.get(project_id, loop_id)
 
     def cancel(self, project_id: str, loop_id: str, actor: str) -> dict[str, Any]:
-        """Stop a loop where it is (the driver cancels its running job, its pending approval
-        request and its running experiment at its next tick)."""
+        """Stop a loop where it is (:meth:`LoopDriver.cancel` also stops what it has under
+        way: its step's job, its pending approval request, its running experiment)."""
         for _ in range(5):
             loop = self.load(loop_id)
             if loop["project_id"] != project_id:
