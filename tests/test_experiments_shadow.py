@@ -25,6 +25,7 @@ from flywheel.store import Database, SpanRecord
 from flywheel.store.models import TraceScore
 from flywheel.testing import FakeUpstream
 from tests.conftest import RunningServer, start_server, stop_server, wait_for_trace
+from tests.test_experiments import _allocation, _decided, _prompt
 
 CONFIG = """
 providers:
@@ -44,7 +45,6 @@ routes:
   - name: shadow-limited
     targets: [{{model: up-echo}}]
 """
-DECIDE_WITHIN = 30.0
 JUDGE = "quality"
 
 
@@ -89,10 +89,6 @@ def _create(api: httpx.Client, **body: object) -> dict[str, Any]:
     return found
 
 
-def _allocation(experiment: dict[str, Any]) -> list[tuple[str, float]]:
-    return [(v["name"], v["share"]) for v in experiment["variants"]]
-
-
 def _spans(db: Database, experiment_id: str) -> list[Any]:
     """Every gateway span of the experiment, served and mirrored."""
     with db.session() as session:
@@ -134,30 +130,6 @@ def _score(db: Database, spans: list[Any], value_of: Any) -> None:
                     created_at=now,
                 )
             )
-
-
-def _decided(api: httpx.Client, experiment_id: str) -> dict[str, Any]:
-    deadline = time.monotonic() + DECIDE_WITHIN
-    found: dict[str, Any] = {}
-    while time.monotonic() < deadline:
-        found = api.get(f"/api/experiments/{experiment_id}").json()
-        if found["status"] != "running":
-            return found
-        time.sleep(0.2)
-    raise AssertionError(f"experiment {experiment_id} undecided: {found}")
-
-
-def _prompt(api: httpx.Client, name: str, suffix: str) -> int:
-    response = api.post(
-        "/api/prompts",
-        json={
-            "name": name,
-            "template": [{"role": "user", "content": "{{ question }} " + suffix}],
-            "model": "up-echo",
-        },
-    )
-    assert response.status_code == 201, response.text
-    return int(response.json()["version"])
 
 
 def test_the_control_serves_every_call_and_a_judged_win_is_only_recommended(

@@ -7,7 +7,6 @@ Registered in the main CLI as ``app.add_typer(experiments_app, name="experiments
 from __future__ import annotations
 
 import json
-from datetime import datetime
 from pathlib import Path
 from typing import Annotated
 
@@ -24,16 +23,13 @@ from flywheel.cli.common import (
     _fmt,
     _sdk_call,
     console,
+    when,
 )
 
 experiments_app = typer.Typer(
     help="Canary and shadow experiments on routes: sticky splits, sequential tests, "
     "auto-promotion (canary) or a recommendation (shadow)."
 )
-
-
-def _when(timestamp: float | None) -> str:
-    return datetime.fromtimestamp(timestamp).strftime("%Y-%m-%d %H:%M") if timestamp else "-"
 
 
 @experiments_app.command("create")
@@ -137,7 +133,7 @@ def list_experiments(
             row.get("mode") or "canary",
             row["status"],
             variants,
-            _when(row["created_at"]),
+            when(row["created_at"]),
             row.get("reason") or "",
         )
     console.print(table)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -25,15 +24,12 @@ from flywheel.cli.common import (
     _fmt,
     _sdk_call,
     console,
+    when,
 )
 
 jobs_app = typer.Typer(help="Long work: list, follow logs, cancel and retry jobs.")
 runs_app = typer.Typer(help="Experiment tracking: runs, their metrics, comparisons.")
 tune_app = typer.Typer(help="Fine-tune a model: LoRA/QLoRA SFT, DPO, sweeps, distillation.")
-
-
-def _when(timestamp: float | None) -> str:
-    return datetime.fromtimestamp(timestamp).strftime("%Y-%m-%d %H:%M") if timestamp else "-"
 
 
 def follow(client: Any, job: dict[str, Any], *, logs: bool) -> dict[str, Any]:
@@ -117,7 +113,7 @@ def jobs_list(
             job["name"],
             job["status"],
             f"{job['progress']:.0%}",
-            _when(job["created_at"]),
+            when(job["created_at"]),
             (job["error"] or job["message"] or "")[:60],
         )
     console.print(table)
@@ -567,7 +563,7 @@ def models_show(
             version.get("parent") or "-",
             f"{version['size_bytes'] / 1e6:.1f} MB",
             ", ".join(version.get("aliases") or []) or "-",
-            _when(version["created_at"]),
+            when(version["created_at"]),
         )
     console.print(f"[bold]{model['name']}[/] {model.get('description') or ''}")
     console.print(table)

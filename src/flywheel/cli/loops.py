@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import time
-from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -25,6 +24,7 @@ from flywheel.cli.common import (
     _client,
     _sdk_call,
     console,
+    when,
 )
 from flywheel.sdk.loops import STOPPED
 from flywheel.sdk.loops import summarize_step as step_summary
@@ -53,10 +53,6 @@ FLAG_FIELDS = {
     "--canary-share": ("canary", "share"),
     "--min-samples": ("canary", "min_samples"),
 }
-
-
-def _when(timestamp: float | None) -> str:
-    return datetime.fromtimestamp(timestamp).strftime("%Y-%m-%d %H:%M") if timestamp else "-"
 
 
 def _styled(status: str) -> str:
@@ -307,7 +303,7 @@ def list_loops(
             _styled(row["status"]),
             row["step"],
             (row.get("spec") or {}).get("method", "-"),
-            _when(row["created_at"]),
+            when(row["created_at"]),
             row["created_by"],
             row.get("reason") or "",
         )
@@ -330,8 +326,8 @@ def show(
         return
     console.print(timeline(found))
     console.print(
-        f"started {_when(found['created_at'])} by {found['created_by']}"
-        + (f"; ended {_when(found['finished_at'])}" if found.get("finished_at") else "")
+        f"started {when(found['created_at'])} by {found['created_by']}"
+        + (f"; ended {when(found['finished_at'])}" if found.get("finished_at") else "")
         + f"; {sum(s['status'] == 'succeeded' for s in found['steps'])} of "
         f"{len(found['steps'])} steps done"
     )

@@ -28,7 +28,7 @@ from typing import Any
 from flywheel.errors import ServiceError
 from flywheel.loop.spec import STEPS, LoopSpec
 from flywheel.loop.steps import ACTOR, KIND, loop_principal
-from flywheel.loop.store import LoopStore
+from flywheel.loop.store import LoopStore, step_states
 
 __all__ = ["MAX_AUTO_RETRIES", "LoopDriver"]
 
@@ -61,7 +61,7 @@ class LoopDriver:
         loop = self.loops.load(loop_id)
         if loop["status"] not in ("running", "waiting"):
             return
-        steps = {s["name"]: {k: v for k, v in s.items() if k != "name"} for s in loop["steps"]}
+        steps = step_states(loop)
         name = loop["step"]
         state = steps[name]
         if state["status"] == "pending":

@@ -27,6 +27,7 @@ __all__ = [
     "LoopError",
     "LoopStore",
     "loop_to_dict",
+    "step_states",
 ]
 
 # running: a step's job is queued or running; waiting: for a reviewer or the canary;
@@ -61,6 +62,12 @@ def _new_step() -> dict[str, Any]:
         "started_at": None,
         "finished_at": None,
     }
+
+
+def step_states(loop: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """A loop's steps (as :func:`loop_to_dict` lists them) keyed by name, as stored: what
+    :meth:`LoopStore.save` takes back after a change."""
+    return {s["name"]: {k: v for k, v in s.items() if k != "name"} for s in loop["steps"]}
 
 
 def loop_to_dict(row: Loop) -> dict[str, Any]:
@@ -249,7 +256,7 @@ class LoopStore:
                 f"Loop {loop_id} is {loop['status']}; only a failed loop resumes.",
                 "conflict",
             )
-        steps = {s["name"]: {k: v for k, v in s.items() if k != "name"} for s in loop["steps"]}
+        steps = step_states(loop)
         current = steps[loop["step"]]
         current.update(status="pending", job_id=None, error=None, attempts=0)
         if not self.save(
